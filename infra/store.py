@@ -64,11 +64,19 @@ def _dtype_and_fill(values: np.ndarray) -> tuple[object, object]:
     return values.dtype.str, -1 if values.dtype.kind == "i" else 0
 
 
+def _url_options(url: str) -> dict:
+    """Extra `zarr.open_group` arguments for `url`: fsspec's local filesystem (``file://``) makes no
+    parent folders unless told, so creating a store or writing a new chunk there would fail."""
+    return {"storage_options": {"auto_mkdir": True}} if str(url).startswith("file://") else {}
+
+
 def _open_group(url: str, mode: str) -> zarr.Group:
     try:
-        return zarr.open_group(store=str(url), mode=mode, zarr_format=3)
+        return zarr.open_group(store=str(url), mode=mode, zarr_format=3, **_url_options(url))
     except FileNotFoundError as e:
         raise StoreError(f"store {url}: not found ({e}); create it with `gsafe ingest` or `gsafe simulate --store`") from e
+    except zarr.errors.ContainsArrayError as e:
+        raise StoreError(f"store {url}: not a gsafe survey store (it holds a single Zarr array)") from e
 
 
 def _write_aligned(arr: zarr.Array, start: int, values: np.ndarray) -> None:
@@ -105,7 +113,7 @@ class SurveyStore:
                pixel_scale: float = 0.2, chunk_size: int = 1024, provenance: dict | None = None) -> "SurveyStore":
         """A new, empty store at `url`; fails if a store is already there."""
         try:
-            g = zarr.open_group(store=str(url), mode="w-", zarr_format=3)
+            g = zarr.open_group(store=str(url), mode="w-", zarr_format=3, **_url_options(url))
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as e:
             raise StoreError(f"store {url}: already exists; open it instead, or pick another path") from e
         nb = len(bands)
@@ -304,6 +312,16 @@ class SurveyStore:
         # 2. commit: the one write that makes the rows real
         self.group.attrs["n_rows"] = stop
         return start, stop
+
+    def set_column(self, name: str, values: np.ndarray, parent: str = "catalog") -> None:
+        """Write a whole column over the committed rows (created if new), e.g. labels joined afterwards."""
+        values = np.asarray(values)
+        if len(values) != self.n:
+            raise StoreError(f"store {self.url}: column {name!r} has {len(values)} rows, store {self.n}")
+        arr = self._column(parent, name, values)
+        if arr.shape[0] != self.n:
+            arr.resize((self.n, *arr.shape[1:]))
+        _write_aligned(arr, 0, values)
 
     def add_quarantine(self, rows: list[tuple[str, str, str]]) -> None:
         """Record rejected inputs: (source, object_id or "", reason) each."""

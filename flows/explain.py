@@ -1,0 +1,34 @@
+"""Explain: the top-k of a campaign → gallery (HTML + PNG + CSV/Parquet + attributions.npz), logged to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from infra import tracking
+from infra.settings import Settings
+from infra.store import SurveyStore
+from tasks.explain import explain_rows_task, top_rows
+from tasks.score import load_payload_task
+
+__all__ = ["explain_flow"]
+
+
+@flow(name="explain", log_prints=False)
+def explain_flow(store_url: str, name: str, version: int, top_k: int, out: str, settings: dict,
+                 method: str = "integrated_gradients", rows: list[int] | None = None) -> dict:
+    import mlflow
+
+    s = Settings(**settings)
+    tracking.configure(s)
+    store = SurveyStore.open(store_url)
+    store.score_table(name, version)       # clear error if the campaign has not run
+    rows = list(rows) if rows is not None else [int(r) for r in top_rows(store, name, version, top_k)]
+    payload = load_payload_task(name, version)
+    r = explain_rows_task(store_url, name, version, rows, payload, out, method)
+    exp = tracking.experiment_for_store(store_url, s)
+    with mlflow.start_run(experiment_id=exp, run_name=f"explain-{name}-{version}",
+                          tags={"gsafe.model": name, "gsafe.version": str(version), "gsafe.method": method}):
+        mlflow.log_artifacts(out, artifact_path="report")
+    return {"cards": r["cards"], "index": str(Path(out) / "index.html"), "files": r["files"]}

@@ -1,0 +1,78 @@
+"""The scoring campaign: every chunk of a store through one Detector version, fanned out over Dask."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from prefect import flow, unmapped
+from prefect.context import FlowRunContext
+from prefect.futures import as_completed
+from tqdm.auto import tqdm
+
+from infra import tracking
+from infra.runtime import gpu_count, worker_threads
+from infra.settings import Settings
+from infra.store import SurveyStore
+from tasks.score import finalize_campaign_task, load_detector, load_payload_task, prepare_campaign_task, score_chunk_task
+
+__all__ = ["score_flow"]
+
+
+@flow(name="score", log_prints=False)
+def score_flow(store_url: str, name: str, version: int, settings: dict) -> dict:
+    """Score every not-yet-done chunk of `store_url` with model `name`/`version`, then q-values."""
+    s = Settings(**settings)
+    t0 = time.perf_counter()
+    payload = load_payload_task(name, version)
+    det = load_detector(payload)
+    pending = prepare_campaign_task(store_url, name, version, det.statistic_names)
+    store = SurveyStore.open(store_url)
+    if pending:
+        model = _broadcast(payload)
+        with _gpu_annotation():
+            futures = score_chunk_task.map(unmapped(store_url), unmapped(name), unmapped(version), pending,
+                                           payload=unmapped(model), threads=unmapped(worker_threads(s)))
+        with tqdm(total=sum(min(store.chunk_size, store.n - c * store.chunk_size) for c in pending),
+                  desc=f"score {name}/{version}", unit="cutout", disable=not s.progress) as bar:
+            for f in as_completed(futures):
+                bar.update(f.result())
+    finalize_campaign_task(store_url, name, version)
+    return {"n": store.n, "chunks_scored": len(pending), "seconds": time.perf_counter() - t0}
+
+
+def _broadcast(payload: bytes):
+    """Send the model to every Dask worker once; tasks get a reference, not 'once per task' bytes."""
+    ctx = FlowRunContext.get()
+    client = getattr(ctx.task_runner, "client", None) if ctx else None
+    if client is None:
+        return payload
+    return client.scatter(payload, broadcast=True, hash=False)
+
+
+def _gpu_annotation():
+    if gpu_count():
+        import dask
+
+        return dask.annotate(resources={"GPU": 1})
+    return contextlib.nullcontext()
+
+
+def campaign_pending(store_url: str, name: str, version: int) -> bool:
+    """Whether `score_flow` has anything to do (new rows, or chunks without their done flag)."""
+    from infra.errors import StoreError
+
+    store = SurveyStore.open(store_url)
+    try:
+        t = store.score_table(name, version)
+    except StoreError:
+        return store.n > 0
+    return t.n < store.n or bool(t.pending_chunks())
+
+
+def run_campaign(store_url: str, name: str, version: int, settings: Settings) -> dict:
+    """`score_flow` on a Dask cluster when there is work, on the plain runner (no cluster start-up) when not."""
+    from infra.runtime import task_runner
+
+    f = score_flow.with_options(task_runner=task_runner(settings)) if campaign_pending(store_url, name, version) else score_flow
+    return f(store_url, name, version, settings.model_dump(mode="json"))

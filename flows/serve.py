@@ -1,0 +1,68 @@
+"""`gsafe serve`: the hunt as a Prefect deployment on a cron schedule, against a real Prefect server.
+
+A temporary (ephemeral) server registers schedules but never fires them (see ../shared/STACK.md), so
+unless PREFECT_API_URL is set we start `prefect server start` ourselves and stop it on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from infra.errors import GsafeError
+from infra.settings import Settings
+
+__all__ = ["serve_hunt", "start_prefect_server"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_prefect_server(timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """Start a Prefect server on a free loopback port; returns (process, api_url) once healthy."""
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise GsafeError(f"serve: `prefect server start` exited with code {proc.returncode}; run it by hand to see why")
+        try:
+            urllib.request.urlopen(api + "/health", timeout=2).read()
+            return proc, api
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise GsafeError(f"serve: Prefect server on port {port} not healthy after {timeout:.0f} s")
+
+
+def serve_hunt(settings: Settings, *, cron: str, store_url: str, model: str, source: str | None, out: str) -> None:
+    proc = None
+    if not os.environ.get("PREFECT_API_URL"):
+        proc, api = start_prefect_server()
+        os.environ["PREFECT_API_URL"] = api
+        print(f"serve: started a Prefect server at {api} (set PREFECT_API_URL to use your own)", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        from flows.hunt import hunt_flow
+
+        print(f"serve: hunt of {store_url} with {model} on schedule '{cron}' (UTC); Ctrl-C to stop", flush=True)
+        hunt_flow.serve(name="gsafe-hunt", cron=cron,
+                        parameters={"store_url": store_url, "model": model, "settings": settings.model_dump(mode="json"),
+                                    "source": source, "out": out})
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)

@@ -1,0 +1,241 @@
+"""MLflow: tracking URI, one experiment per store, the Detector as a registered model version, aliases.
+
+Model references accepted everywhere: ``NAME`` (latest version), ``NAME@alias`` and ``NAME/version``.
+A reference is resolved to a version number once, when a command starts, so a run that names
+``NAME@champion`` keeps using that version even if the alias moves while it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from infra.errors import ModelRefError, TrackingError
+from infra.settings import Settings
+
+__all__ = ["ModelRef", "configure", "experiment_for_store", "parse_ref", "resolve", "log_detector",
+           "download_detector", "set_alias", "get_alias_version", "set_version_tags", "version_tags"]
+
+log = logging.getLogger("gsafe.tracking")
+DETECTOR_FILE = "detector.pt"
+_REF = re.compile(r"^(?P<name>[A-Za-z0-9_.\-]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))?$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model: registered name and version number (and the alias it was reached through)."""
+
+    name: str
+    version: int
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.version}" + (f" (@{self.alias})" if self.alias else "")
+
+
+def configure(settings: Settings) -> str:
+    """Point MLflow at the user's server or at SQLite under `settings.home`; returns the URI."""
+    import mlflow
+
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if uri.startswith("http"):
+        _check_reachable(uri)
+    return uri
+
+
+def _check_reachable(uri: str) -> None:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+    except Exception as e:  # noqa: BLE001 - any failure means the same to the user
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({type(e).__name__}: {e}); "
+            f"check MLFLOW_TRACKING_URI, or unset it to track locally under GSAFE_HOME") from e
+
+
+def experiment_for_store(store_url: str, settings: Settings) -> str:
+    """The experiment of a store (one per store), created on first use; returns its id."""
+    import mlflow
+
+    name = f"gsafe:{_store_key(store_url)}"
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    kw = {} if (settings.mlflow_tracking_uri or "").startswith("http") else {"artifact_location": settings.artifact_root}
+    try:
+        return mlflow.create_experiment(name, tags={"gsafe.store": str(store_url)}, **kw)
+    except Exception:  # created meanwhile by another process
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def _store_key(store_url: str) -> str:
+    url = str(store_url)
+    if "://" not in url:
+        url = str(Path(url).resolve())
+    stem = Path(url.rstrip("/")).name
+    return f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
+    """``NAME[@alias|/version]`` -> (name, alias, version)."""
+    m = _REF.match(ref.strip())
+    if not m:
+        raise ModelRefError(f"model reference {ref!r}: expected NAME, NAME@alias or NAME/version")
+    v = m.group("version")
+    return m.group("name"), m.group("alias"), int(v) if v else None
+
+
+def resolve(ref: str) -> ModelRef:
+    """Resolve a reference to a fixed version, once."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_ref(ref)
+    client = MlflowClient()
+    try:
+        if alias:
+            mv = client.get_model_version_by_alias(name, alias)
+            return ModelRef(name, int(mv.version), alias)
+        if version is not None:
+            client.get_model_version(name, str(version))
+            return ModelRef(name, version)
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as e:
+        raise ModelRefError(f"model {ref!r}: not found in the registry at {_uri()} "
+                            f"({e.message.splitlines()[0]}); train one with `gsafe train --model {name}`") from e
+    if not versions:
+        raise ModelRefError(f"model {ref!r}: no registered versions at {_uri()}; train one with `gsafe train --model {name}`")
+    return ModelRef(name, max(int(v.version) for v in versions))
+
+
+def _uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def log_detector(payload: bytes, *, name: str, python_model: Any, signature: Any,
+                 pip_requirements: list[str], tags: Mapping[str, str] | None = None) -> int:
+    """Log the Detector (its bytes as an artifact of a pyfunc model) in the active run and
+    register it as a new version of `name` with alias ``challenger``; returns the version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    import contextlib
+    import io
+    import warnings
+
+    quiet = not logging.getLogger("mlflow").isEnabledFor(logging.INFO)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), \
+            contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        warnings.simplefilter("ignore")   # mlflow's advice on type hints / cloudpickle / input examples
+        path = Path(tmp) / DETECTOR_FILE
+        path.write_bytes(payload)
+        info = mlflow.pyfunc.log_model(name="detector", python_model=python_model,
+                                       artifacts={"detector": str(path)}, signature=signature,
+                                       pip_requirements=pip_requirements, registered_model_name=name,
+                                       await_registration_for=60)
+    version = int(info.registered_model_version)
+    client = MlflowClient()
+    for k, v in (tags or {}).items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+    client.set_registered_model_alias(name, "challenger", str(version))
+    return version
+
+
+def download_detector(ref: ModelRef) -> bytes:
+    """The Detector bytes of a registered version."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{ref.name}/{ref.version}", dst_path=tmp)
+        found = list(Path(local).rglob(DETECTOR_FILE))
+        if not found:
+            raise ModelRefError(f"model {ref}: no {DETECTOR_FILE} among its artifacts; was it logged by gsafe?")
+        return found[0].read_bytes()
+
+
+def set_alias(name: str, alias: str, version: int) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_registered_model_alias(name, alias, str(version))
+
+
+def get_alias_version(name: str, alias: str) -> int | None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return int(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def set_version_tags(name: str, version: int, tags: Mapping[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+
+
+def version_tags(name: str, version: int) -> dict[str, str]:
+    from mlflow import MlflowClient
+
+    return dict(MlflowClient().get_model_version(name, str(version)).tags)
+
+
+def run_id_of(name: str, version: int) -> str | None:
+    from mlflow import MlflowClient
+
+    return MlflowClient().get_model_version(name, str(version)).run_id
+
+
+PIP_REQUIREMENTS = ["torch==2.13.0", "numpy==2.4.6", "scipy==1.17.1", "zuko==1.6.0", "pandas==3.1.1"]
+
+
+def detector_signature(example, output: Mapping[str, Any]):
+    """The model signature: (n, B, H, W) float32 images in, one row of score columns out."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    return infer_signature(example, pd.DataFrame({k: v for k, v in output.items()}))
+
+
+import mlflow.pyfunc as _pyfunc  # noqa: E402
+
+
+class DetectorPyfunc(_pyfunc.PythonModel):
+    """MLflow pyfunc face of a Detector: `predict(images)` -> the score table of those images.
+
+    The Detector class is named by its import path so that infra/ does not import the science layer.
+    """
+
+    loader = "gsafe_models.detector:Detector"
+    # `predict` takes (n, B, H, W) arrays, which mlflow's type-hint schemas cannot express (it warns at
+    # class creation otherwise); the model signature is logged explicitly instead.
+    _skip_type_hint_validation = True
+
+    def load_context(self, context):
+        import importlib
+
+        mod, cls = self.loader.split(":")
+        payload = Path(context.artifacts["detector"]).read_bytes()
+        self.detector = getattr(importlib.import_module(mod), cls).from_bytes(payload)
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+        import pandas as pd
+
+        return pd.DataFrame(self.detector.score(np.asarray(model_input, np.float32)))

@@ -1,0 +1,90 @@
+"""Explain the top anomalies of a campaign: reconstruction, residual, attribution, neighbours, latent map."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from gsafe_models import explain as ex
+from infra.batches import split_rows
+from infra.gallery import Card, write_gallery
+from infra.store import SurveyStore
+from tasks.score import load_detector
+
+__all__ = ["top_rows", "explain_rows_task"]
+
+BANK = 2000          # normal objects encoded for neighbours and the latent map
+N_NEIGHBOURS = 3
+
+
+def top_rows(store: SurveyStore, name: str, version: int, k: int) -> np.ndarray:
+    score = store.score_table(name, version).read(["score"])["score"]
+    order = np.argsort(-np.nan_to_num(score, nan=-np.inf), kind="stable")
+    return order[:k]
+
+
+def _bank_rows(store: SurveyStore, p_value: np.ndarray, exclude: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A sample of normal-looking objects (p > 0.2) to find neighbours among and to draw the latent map."""
+    ok = np.nonzero(np.nan_to_num(p_value, nan=0) > 0.2)[0]
+    ok = np.setdiff1d(ok, exclude)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(ok, min(BANK, len(ok)), replace=False)) if len(ok) else ok
+
+
+@task(name="explain-top", cache_policy=NO_CACHE)
+def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], payload: bytes, out: str,
+                      method: str = "integrated_gradients") -> dict:
+    store = SurveyStore.open(store_url)
+    table = store.score_table(name, version)
+    cols = table.read()
+    rows = np.asarray(rows, dtype=np.int64)
+    det = load_detector(payload)
+    images = store.read_rows(rows)
+    recon = det.reconstruct(images)
+    selector = None
+    if method == "lex":
+        from infra.batches import StoreBatches
+
+        selector = ex.LexSelector(bands=images.shape[1])
+        train_rows = split_rows(store.read_catalog(["id_hash"])["id_hash"])["train"]
+        batches = StoreBatches(store_url, train_rows, 64, shuffle=True, limit=1024)
+        selector.fit(det.score_function(), det.impute_function(), lambda: (torch.as_tensor(b) for b in batches()),
+                     epochs=3)
+    attribution = ex.explain(method, det.score_function(), det.impute_function(), torch.as_tensor(images),
+                             selector=selector).detach().cpu().numpy()
+    cat = store.read_catalog(None)
+    bank = _bank_rows(store, cols["p_value"], rows)
+    z_bank = det.encode(store.read_rows(bank)) if len(bank) else np.zeros((0, 1))
+    z_top = det.encode(images)
+    neigh_idx = None
+    if len(bank) >= N_NEIGHBOURS:
+        neigh_idx, _ = ex.nearest_neighbours(torch.as_tensor(z_top), torch.as_tensor(z_bank), N_NEIGHBOURS)
+        neigh_idx = neigh_idx.numpy()
+    neigh_images = store.read_rows(bank[np.unique(neigh_idx)]) if neigh_idx is not None else None
+    uniq = {int(j): i for i, j in enumerate(np.unique(neigh_idx))} if neigh_idx is not None else {}
+    ids = cat["object_id"].astype(str)
+    stats = det.statistic_names
+    cards = []
+    for i, r in enumerate(rows):
+        cards.append(Card(
+            object_id=ids[r], ra=float(cat["ra"][r]), dec=float(cat["dec"][r]), score=float(cols["score"][r]),
+            p_value=float(cols["p_value"][r]), q_value=float(cols["q_value"][r]),
+            statistics={s: float(cols[f"stat_{s}"][r]) for s in stats} | {f"p_{s}": float(cols[f"p_{s}"][r]) for s in stats},
+            image=images[i], reconstruction=recon[i], residual=images[i] - recon[i], attribution=attribution[i],
+            bands=store.bands,
+            label=int(cat["label"][r]) if "label" in cat else None,
+            anomaly_class=str(cat["anomaly_class"][r]) if "anomaly_class" in cat else None,
+            neighbours=[(ids[bank[j]], neigh_images[uniq[int(j)]]) for j in neigh_idx[i]] if neigh_idx is not None else None,
+        ))
+    latent_xy = latent_labels = None
+    if len(bank) + len(rows) >= 5:
+        xy = ex.latent_map(torch.as_tensor(np.concatenate([z_bank, z_top]))).numpy()
+        latent_xy = xy
+        latent_labels = np.array(["normal"] * len(bank) + ["top anomaly"] * len(rows))
+    calib = split_rows(cat["id_hash"])["calib"]
+    files = write_gallery(out, cards, latent_xy=latent_xy, latent_labels=latent_labels,
+                          score_hist={"scores": cols["score"], "calibration": cols["score"][calib]},
+                          title=f"gsafe: top {len(rows)} anomalies of {store_url} — {name}/{version} ({method})")
+    return {"cards": len(cards), "files": {k: str(v) for k, v in files.items()}}

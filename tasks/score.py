@@ -1,0 +1,84 @@
+"""Score one store chunk with one Detector version; finish a campaign with survey-wide q-values."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from gsafe_models.calibration import bh_qvalues
+from gsafe_models.detector import Detector
+from infra import tracking
+from infra.store import ScoreTable, SurveyStore
+
+__all__ = ["load_detector", "load_payload_task", "prepare_campaign_task", "score_chunk_task", "finalize_campaign_task"]
+
+log = logging.getLogger("gsafe.score")
+_DETECTORS: dict[str, Detector] = {}   # per worker process: a model is deserialised once, not once per chunk
+
+
+def load_detector(payload: bytes, device: str | None = None) -> Detector:
+    key = hashlib.sha256(payload).hexdigest()
+    if key not in _DETECTORS:
+        _DETECTORS.clear()
+        det = Detector.from_bytes(payload)
+        _DETECTORS[key] = det.to(device) if device else det
+    return _DETECTORS[key]
+
+
+@task(name="load-model", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
+def load_payload_task(name: str, version: int) -> bytes:
+    return tracking.download_detector(tracking.ModelRef(name, version))
+
+
+@task(name="prepare-campaign", cache_policy=NO_CACHE)
+def prepare_campaign_task(store_url: str, name: str, version: int, statistics: list[str]) -> list[int]:
+    """Create or grow `scores/<name>/<version>` to the store's rows; returns the chunks still to do."""
+    store = SurveyStore.open(store_url, mode="r+")
+    table = store.score_table(name, version, statistics, create=True)
+    table.ensure_rows(store.n)
+    return table.pending_chunks()
+
+
+@task(name="score-chunk", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
+def score_chunk_task(store_url: str, name: str, version: int, chunk: int, payload: bytes, threads: int = 1) -> int:
+    """Read chunk `chunk`, score it, write its region of the table and mark it done. Idempotent."""
+    import torch
+
+    torch.set_num_threads(threads)
+    store = SurveyStore.open(store_url, mode="r+")
+    table = store.score_table(name, version)
+    start, stop = chunk * store.chunk_size, min((chunk + 1) * store.chunk_size, table.n)
+    det = load_detector(payload, "cuda" if torch.cuda.is_available() else None)
+    out = det.score(store.read_images(start, stop), q_values=False)
+    table.write_chunk(chunk, {k: v for k, v in out.items() if k in table.group})
+    return stop - start
+
+
+@task(name="finalize-campaign", retries=2, cache_policy=NO_CACHE)
+def finalize_campaign_task(store_url: str, name: str, version: int) -> dict:
+    """Benjamini–Hochberg q-values over every scored object of the store."""
+    store = SurveyStore.open(store_url, mode="r+")
+    table = store.score_table(name, version)
+    if table.pending_chunks():
+        raise RuntimeError(f"campaign {name}/{version} on {store_url}: chunks {table.pending_chunks()[:5]} not done")
+    p = table.read(["p_value"])["p_value"]
+    table.write_column("q_value", bh_qvalues(p))
+    table.group.attrs["q_rows"] = table.n
+    return {"n": table.n}
+
+
+def read_scores(store: SurveyStore, table: ScoreTable) -> "pandas.DataFrame":  # noqa: F821
+    """The campaign's score table with object ids, most anomalous first."""
+    import pandas as pd
+
+    cols = table.read()
+    stats = table.statistics
+    df = pd.DataFrame({"object_id": store.object_ids().astype(str)[: table.n],
+                       "score": cols["score"], "p_value": cols["p_value"], "q_value": cols["q_value"]}
+                      | {s: cols[f"stat_{s}"] for s in stats} | {f"p_{s}": cols[f"p_{s}"] for s in stats})
+    return df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)

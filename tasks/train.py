@@ -1,0 +1,109 @@
+"""Train a Detector on a store, evaluate it, register it in MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import platform
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+from tqdm.auto import tqdm
+
+from gsafe_models.detector import Detector, DetectorConfig
+from gsafe_models.metrics import per_class_report
+from infra import tracking
+from infra.batches import StoreBatches, split_rows
+from infra.settings import Settings
+from infra.store import SurveyStore
+
+__all__ = ["store_splits", "fit_detector_task", "evaluate_task", "register_task"]
+
+
+def store_splits(store_url: str) -> dict[str, np.ndarray]:
+    store = SurveyStore.open(store_url)
+    return split_rows(store.read_catalog(["id_hash"])["id_hash"])
+
+
+@task(name="fit-detector", cache_policy=NO_CACHE)
+def fit_detector_task(store_url: str, config: dict, settings: dict, run_id: str | None = None) -> bytes:
+    """Stream the store's train split through Detector.fit; returns the Detector's bytes."""
+    s = Settings(**settings)
+    cfg = DetectorConfig(**config)
+    store = SurveyStore.open(store_url)
+    split = store_splits(store_url)
+    train = StoreBatches(store_url, split["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
+    val = StoreBatches(store_url, split["val"], cfg.batch_size)
+    calib = StoreBatches(store_url, split["calib"], cfg.batch_size)
+    bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not s.progress)
+    client = _client() if run_id else None
+
+    def progress(event: dict) -> None:
+        if "epoch" in event:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in event.items() if isinstance(v, float)})
+            if client is not None:
+                for k, v in event.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        client.log_metric(run_id, k, float(v), step=int(event["epoch"]))
+        elif event.get("stage"):
+            bar.set_description(f"train: {event['stage']}")
+
+    det = Detector.fit(train, calib, config=cfg, val=val, bands=store.bands, progress=progress)
+    bar.close()
+    return det.to_bytes()
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(store_url: str, payload: bytes, rows: np.ndarray | None = None) -> dict[str, float]:
+    """Detection metrics on labelled rows (the val split by default) and the calibration diagnostics."""
+    det = Detector.from_bytes(payload)
+    metrics = {f"calibration_{k}" if not k.startswith("calibration") else k: float(v)
+               for k, v in det.diagnostics.items() if isinstance(v, (int, float))}
+    store = SurveyStore.open(store_url)
+    if "label" not in store.columns:
+        return metrics
+    rows = store_splits(store_url)["val"] if rows is None else rows
+    cat = store.read_catalog(["label", "anomaly_class"])
+    lab = cat["label"][rows]
+    keep = lab >= 0
+    if keep.sum() == 0 or len(set(lab[keep])) < 2:
+        return metrics
+    rows = rows[keep]
+    scores = np.concatenate([det.score(x, q_values=False)["score"]
+                             for x in StoreBatches(store_url, rows, 1024)()])
+    rep = per_class_report(scores, cat["label"][rows], cat["anomaly_class"][rows])
+    metrics["val_auroc"] = rep["all"]["auroc"]
+    metrics["val_ap"] = rep["all"]["ap"]
+    for c, r in rep.items():
+        if c != "all":
+            metrics[f"val_auroc_{c}"] = r["auroc"]
+    return metrics
+
+
+@task(name="register", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
+def register_task(payload: bytes, name: str, store_url: str, metrics: dict) -> int:
+    """Log the Detector as a pyfunc model version of `name` (alias challenger)."""
+    det = Detector.from_bytes(payload)
+    example = np.zeros((2, *det.image_shape), np.float32)
+    sig = tracking.detector_signature(example, det.score(example, q_values=True))
+    tags = {"gsafe.store": store_url, "gsafe.sha256": hashlib.sha256(payload).hexdigest(),
+            "gsafe.statistics": ",".join(det.statistic_names), "gsafe.bands": ",".join(det.bands),
+            **{f"metric.{k}": f"{v:.5g}" for k, v in metrics.items()}}
+    return tracking.log_detector(payload, name=name, python_model=tracking.DetectorPyfunc(),
+                                 signature=sig, pip_requirements=tracking.PIP_REQUIREMENTS, tags=tags)
+
+
+def config_params(config: dict) -> dict:
+    """DetectorConfig as flat MLflow params."""
+    cfg = dataclasses.asdict(DetectorConfig(**config))
+    return {k: (",".join(map(str, v)) if isinstance(v, (list, tuple)) else v) for k, v in cfg.items()} | {
+        "python": platform.python_version()}

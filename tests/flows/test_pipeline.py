@@ -1,0 +1,163 @@
+"""End to end: train → register → score by alias; campaigns that survive SIGKILL and lost workers; promotion."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infra.store import SurveyStore
+
+pytestmark = pytest.mark.slow
+
+
+def _copy(url: str, tmp_path: Path, name: str) -> str:
+    dst = tmp_path / name
+    shutil.copytree(url, dst)
+    return str(dst)
+
+
+def test_train_registers_challenger_and_score_by_alias(trained, train_store, sdict, settings, flows_ctx, tmp_path):
+    from flows.score import score_flow
+    from infra import tracking
+    from infra.runtime import task_runner
+    from tasks.score import read_scores
+
+    assert trained["version"] >= 1
+    ref = tracking.resolve("tiny@challenger")
+    assert (ref.name, ref.version) == ("tiny", trained["version"])
+    assert 0.0 <= trained["metrics"]["val_auroc"] <= 1.0
+    url = _copy(train_store, tmp_path, "s.zarr")
+    r = score_flow.with_options(task_runner=task_runner(settings))(url, ref.name, ref.version, sdict)
+    store = SurveyStore.open(url)
+    assert r["n"] == store.n and r["chunks_scored"] == len(store.chunk_bounds())
+    df = read_scores(store, store.score_table(ref.name, ref.version))
+    assert list(df.columns[:4]) == ["object_id", "score", "p_value", "q_value"]
+    assert len(df) == store.n and df["object_id"].is_unique
+    assert df[["score", "p_value", "q_value"]].notna().all().all()
+    assert ((df.p_value > 0) & (df.p_value <= 1) & (df.q_value >= df.p_value - 1e-12)).all()
+    # the injected anomalies rank high
+    lab = dict(zip(store.object_ids().astype(str), store.read_catalog(["label"])["label"]))
+    y = df["object_id"].map(lab).to_numpy()
+    from gsafe_models.metrics import auroc
+
+    assert auroc(df["score"].to_numpy(), y) > 0.7
+    # a second campaign finds nothing to do
+    r2 = score_flow.with_options(task_runner=task_runner(settings))(url, ref.name, ref.version, sdict)
+    assert r2["chunks_scored"] == 0
+
+
+def _chunk_mtimes(url: str, name: str, version: int) -> dict[str, float]:
+    root = Path(url) / "scores" / name / str(version) / "score" / "c"
+    return {p.name: p.stat().st_mtime_ns for p in root.iterdir()} if root.exists() else {}
+
+
+def test_sigkill_mid_campaign_then_restart_gives_identical_scores(trained, train_store, settings, tmp_path):
+    """`gsafe score` killed with SIGKILL halfway, then run again: only unfinished chunks are redone and the
+    table equals an undisturbed run's."""
+    env = os.environ | {"GSAFE_HOME": str(settings.home), "GSAFE_CHUNK_SIZE": "64", "GSAFE_PROGRESS": "false"}
+    env.pop("PREFECT_API_URL", None)   # the command starts its own server, as a user's would
+    gsafe = [sys.executable, "-m", "flows.cli", "score", "--model", f"tiny/{trained['version']}", "--workers", "1"]
+    calm = _copy(train_store, tmp_path, "calm.zarr")
+    subprocess.run(gsafe + ["--store", calm], env=env, check=True, capture_output=True, timeout=300)
+
+    hurt = _copy(train_store, tmp_path, "hurt.zarr")
+    proc = subprocess.Popen(gsafe + ["--store", hurt], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    v = trained["version"]
+    deadline = time.time() + 240
+    n_chunks = len(SurveyStore.open(hurt).chunk_bounds())
+    done = np.zeros(0, bool)
+    while time.time() < deadline:
+        try:
+            done = SurveyStore.open(hurt).score_table("tiny", v).done_chunks()
+        except Exception:  # table not created yet
+            done = np.zeros(0, bool)
+        if 1 <= done.sum() < n_chunks - 1:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = SurveyStore.open(hurt).score_table("tiny", v).done_chunks()
+    assert 0 < done.sum() < n_chunks, "kill landed before or after the campaign; make the survey larger"
+    before = _chunk_mtimes(hurt, "tiny", v)
+    subprocess.run(gsafe + ["--store", hurt], env=env, check=True, capture_output=True, timeout=300)
+    after = _chunk_mtimes(hurt, "tiny", v)
+    for c in np.nonzero(done)[0]:
+        assert after[str(c)] == before[str(c)], f"chunk {c} was finished before the kill but written again"
+    a = SurveyStore.open(calm).score_table("tiny", v).read()
+    b = SurveyStore.open(hurt).score_table("tiny", v).read()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_worker_killed_mid_campaign_flow_finishes(trained, train_store, settings, sdict, flows_ctx, tmp_path):
+    from distributed import Client, LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    from flows.score import score_flow
+
+    url = _copy(train_store, tmp_path, "w.zarr")
+    v = trained["version"]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+
+        def kill_one():
+            t0 = time.time()
+            while time.time() - t0 < 120:
+                try:
+                    if SurveyStore.open(url).score_table("tiny", v).done_chunks().sum() >= 1:
+                        break
+                except Exception:
+                    pass
+                time.sleep(0.05)
+            os.kill(pids[0], signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_one, daemon=True)
+        killer.start()
+        r = score_flow.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(url, "tiny", v, sdict)
+        killer.join(5)
+    store = SurveyStore.open(url)
+    t = store.score_table("tiny", v)
+    assert r["n"] == store.n and not t.pending_chunks()
+    cols = t.read(["score", "p_value", "q_value"])
+    assert all(np.isfinite(c).all() and len(c) == store.n for c in cols.values())
+
+
+def test_promotion_refuses_worse_challenger_and_promotes_better(train_store, valid_store, settings, sdict, flows_ctx,
+                                                                tiny_model, tmp_path):
+    TINY_MODEL = tiny_model
+    from flows.promote import promote_flow
+    from flows.train import train_flow
+    from infra import tracking
+    from tasks.simulate import simulate_survey
+
+    name = "promo"
+    valid = _copy(valid_store, tmp_path, "v.zarr")
+    # a modest first champion
+    v1 = train_flow(train_store, name, TINY_MODEL | {"epochs": 1}, sdict)["version"]
+    r1 = promote_flow(name, valid, sdict)
+    assert r1["decision"] == "promoted" and tracking.get_alias_version(name, "champion") == v1
+    # a worse challenger: "normal" learnt from a survey of anomalies
+    bad_store = str(tmp_path / "bad.zarr")
+    simulate_survey(320, settings=settings, seed=5, anomaly_frac=1.0, store=bad_store, workers=2)
+    v2 = train_flow(bad_store, name, TINY_MODEL | {"epochs": 1}, sdict)["version"]
+    r2 = promote_flow(name, valid, sdict)
+    assert r2["decision"] == "refused", r2
+    assert tracking.get_alias_version(name, "champion") == v1
+    assert tracking.version_tags(name, v2)["gsafe.promote.decision"] == "refused"
+    # a better one
+    v3 = train_flow(train_store, name, TINY_MODEL | {"epochs": 6}, sdict)["version"]
+    r3 = promote_flow(name, valid, sdict)
+    m = r3["metrics"]
+    assert m[v3]["auroc"] >= m[v1]["auroc"], "the stronger model did not detect better: test premise broken"
+    assert r3["decision"] == "promoted" and tracking.get_alias_version(name, "champion") == v3
