@@ -222,6 +222,8 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="schedule of the 
           model: str = typer.Option(..., "--model"),
           source: Optional[str] = typer.Option(None, "--source", help="directory watched for new cutouts"),
           out: Path = typer.Option(Path("hunt_out"), "--out"),
+          alpha: float = typer.Option(0.1, "--alpha", help="false discovery rate of the candidate list"),
+          top_k: int = typer.Option(50, "--top-k", help="objects explained in each hunt's gallery"),
           home: Optional[Path] = HOME, verbose: bool = VERBOSE):
     """Serve the hunt as a scheduled Prefect deployment. Starts a Prefect server unless PREFECT_API_URL
     is set (a temporary server never fires schedules). Stop with Ctrl-C or SIGTERM."""
@@ -229,7 +231,7 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="schedule of the 
     from flows.serve import serve_hunt
 
     try:
-        serve_hunt(s, cron=cron, store_url=store, model=model, source=source, out=str(out))
+        serve_hunt(s, cron=cron, store_url=store, model=model, source=source, out=str(out), alpha=alpha, top_k=top_k)
     except GsafeError as e:
         typer.echo(f"gsafe: error: {e}", err=True)
         raise typer.Exit(2)

@@ -46,7 +46,8 @@ def start_prefect_server(timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
     raise GsafeError(f"serve: Prefect server on port {port} not healthy after {timeout:.0f} s")
 
 
-def serve_hunt(settings: Settings, *, cron: str, store_url: str, model: str, source: str | None, out: str) -> None:
+def serve_hunt(settings: Settings, *, cron: str, store_url: str, model: str, source: str | None, out: str,
+               alpha: float = 0.1, top_k: int = 50) -> None:
     proc = None
     if not os.environ.get("PREFECT_API_URL"):
         proc, api = start_prefect_server()
@@ -59,7 +60,7 @@ def serve_hunt(settings: Settings, *, cron: str, store_url: str, model: str, sou
         print(f"serve: hunt of {store_url} with {model} on schedule '{cron}' (UTC); Ctrl-C to stop", flush=True)
         hunt_flow.serve(name="gsafe-hunt", cron=cron,
                         parameters={"store_url": store_url, "model": model, "settings": settings.model_dump(mode="json"),
-                                    "source": source, "out": out})
+                                    "source": source, "out": out, "alpha": alpha, "top_k": top_k})
     except KeyboardInterrupt:
         pass
     finally:

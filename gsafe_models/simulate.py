@@ -69,7 +69,8 @@ class SimulatedBatch:
 
     Arguments:
         images: `(n, B, H, W)` float32, counts, sky-subtracted, with noise.
-        object_id: `(n,)` str, `"sim-000000042"` (global index, zero padded to 9 digits).
+        object_id: `(n,)` str, `"sim7-000000042"` for seed 7 (global index, zero padded to 9 digits):
+            surveys simulated with different seeds never share ids.
         label: `(n,)` int8, 1 for an injected anomaly, 0 for a normal object.
         anomaly_class: `(n,)` str, `""` for normal objects, else one of `ANOMALY_CLASSES`.
         footprint: `(n, H, W)` uint8, 1 where the injected anomaly lies (all zeros for normals).
@@ -142,8 +143,8 @@ def simulate_batch(
         label[k] = obj.anomaly_class != ""
         cls[k] = obj.anomaly_class
         ra[k], dec[k] = obj.ra, obj.dec
-    width = len(f"sim-{max(start + n - 1, 0):09d}")
-    object_id = np.array([f"sim-{i:09d}" for i in range(start, start + n)], dtype=f"<U{width}")
+    width = len(f"sim{seed}-{max(start + n - 1, 0):09d}")
+    object_id = np.array([f"sim{seed}-{i:09d}" for i in range(start, start + n)], dtype=f"<U{width}")
     return SimulatedBatch(images, object_id, label, cls, footprint, ra, dec)
 
 

@@ -239,3 +239,32 @@ class DetectorPyfunc(_pyfunc.PythonModel):
         import pandas as pd
 
         return pd.DataFrame(self.detector.score(np.asarray(model_input, np.float32)))
+
+
+def read_version_artifact(ref: ModelRef, filename: str) -> bytes | None:
+    """An extra artifact stored beside a model version (in its training run), or None."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run_id = run_id_of(ref.name, ref.version)
+    if run_id is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"extras/{filename}", dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        return Path(path).read_bytes()
+
+
+def write_version_artifact(ref: ModelRef, filename: str, payload: bytes) -> None:
+    """Store an artifact beside a model version (e.g. its LEX selector, trained once per model)."""
+    from mlflow import MlflowClient
+
+    run_id = run_id_of(ref.name, ref.version)
+    if run_id is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / filename
+        path.write_bytes(payload)
+        MlflowClient().log_artifact(run_id, str(path), artifact_path="extras")

@@ -44,14 +44,10 @@ def write_fits_cutouts(fits_dir: str | Path, images: np.ndarray, object_ids, ra,
         tmp.rename(d / f"{oid}.fits")
 
 
-def write_truth(path: str | Path, columns: Mapping[str, np.ndarray], append: bool = False) -> None:
-    """Write (or extend) the truth table: object_id, label, anomaly_class, ra, dec, footprint (H, W)."""
+def write_truth(path: str | Path, columns: Mapping[str, np.ndarray]) -> None:
+    """Write the truth table: object_id, label, anomaly_class, ra, dec, footprint (H, W)."""
     t = Table({k: np.asarray(v) for k, v in columns.items()})
     path = Path(path)
-    if append and path.exists():
-        from astropy.table import vstack
-
-        t = vstack([Table.read(path), t])
     tmp = path.with_suffix(".tmp.fits")
     t.write(tmp, overwrite=True)
     tmp.rename(path)

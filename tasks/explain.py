@@ -17,6 +17,7 @@ __all__ = ["top_rows", "explain_rows_task"]
 
 BANK = 2000          # normal objects encoded for neighbours and the latent map
 N_NEIGHBOURS = 3
+LEX_FILE, LEX_TRAIN, LEX_EPOCHS = "lex_selector.pt", 1024, 3
 
 
 def top_rows(store: SurveyStore, name: str, version: int, k: int) -> np.ndarray:
@@ -33,6 +34,30 @@ def _bank_rows(store: SurveyStore, p_value: np.ndarray, exclude: np.ndarray, see
     return np.sort(rng.choice(ok, min(BANK, len(ok)), replace=False)) if len(ok) else ok
 
 
+def lex_selector(det, store_url: str, name: str, version: int) -> ex.LexSelector:
+    """The model's LEX selector: trained once per model version on its store, then kept beside it in MLflow."""
+    import io
+
+    from infra import tracking
+    from infra.batches import StoreBatches
+
+    ref = tracking.ModelRef(name, version)
+    selector = ex.LexSelector(bands=det.image_shape[0])
+    cached = tracking.read_version_artifact(ref, LEX_FILE)
+    if cached is not None:
+        selector.load_state_dict(torch.load(io.BytesIO(cached), map_location="cpu"))
+        return selector.eval()
+    store = SurveyStore.open(store_url)
+    train_rows = split_rows(store.read_catalog(["id_hash"])["id_hash"])["train"]
+    batches = StoreBatches(store_url, train_rows, 64, shuffle=True, limit=LEX_TRAIN)
+    selector.fit(det.score_function(), det.impute_function(), lambda: (torch.as_tensor(b) for b in batches()),
+                 epochs=LEX_EPOCHS)
+    buf = io.BytesIO()
+    torch.save(selector.state_dict(), buf)
+    tracking.write_version_artifact(ref, LEX_FILE, buf.getvalue())
+    return selector
+
+
 @task(name="explain-top", cache_policy=NO_CACHE)
 def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], payload: bytes, out: str,
                       method: str = "integrated_gradients") -> dict:
@@ -43,15 +68,7 @@ def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], 
     det = load_detector(payload)
     images = store.read_rows(rows)
     recon = det.reconstruct(images)
-    selector = None
-    if method == "lex":
-        from infra.batches import StoreBatches
-
-        selector = ex.LexSelector(bands=images.shape[1])
-        train_rows = split_rows(store.read_catalog(["id_hash"])["id_hash"])["train"]
-        batches = StoreBatches(store_url, train_rows, 64, shuffle=True, limit=1024)
-        selector.fit(det.score_function(), det.impute_function(), lambda: (torch.as_tensor(b) for b in batches()),
-                     epochs=3)
+    selector = lex_selector(det, store_url, name, version) if method == "lex" else None
     attribution = ex.explain(method, det.score_function(), det.impute_function(), torch.as_tensor(images),
                              selector=selector).detach().cpu().numpy()
     cat = store.read_catalog(None)
@@ -73,9 +90,8 @@ def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], 
             p_value=float(cols["p_value"][r]), q_value=float(cols["q_value"][r]),
             statistics={s: float(cols[f"stat_{s}"][r]) for s in stats} | {f"p_{s}": float(cols[f"p_{s}"][r]) for s in stats},
             image=images[i], reconstruction=recon[i], residual=images[i] - recon[i], attribution=attribution[i],
-            bands=store.bands,
-            label=int(cat["label"][r]) if "label" in cat else None,
-            anomaly_class=str(cat["anomaly_class"][r]) if "anomaly_class" in cat else None,
+            bands=store.bands, method=method,
+            anomaly_class=(str(cat["anomaly_class"][r]) or "normal") if "anomaly_class" in cat else None,
             neighbours=[(ids[bank[j]], neigh_images[uniq[int(j)]]) for j in neigh_idx[i]] if neigh_idx is not None else None,
         ))
     latent_xy = latent_labels = None

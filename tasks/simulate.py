@@ -56,8 +56,7 @@ def simulate_survey(n: int, *, settings: Settings, seed: int = 0, anomaly_frac: 
                                  provenance={"simulate": {"n": n, "seed": seed, "anomaly_frac": anomaly_frac,
                                                           "classes": list(classes)}})
     truth = truth_path_for(fits_dir) if fits_dir else None
-    if truth is not None and truth.exists():
-        truth.unlink()
+    truth_blocks: list[dict] = []
     n_anom = 0
     buf: list[SimulatedBatch] = []
     bar = tqdm(total=n, desc="simulate", unit="cutout", disable=not settings.progress)
@@ -70,13 +69,15 @@ def simulate_survey(n: int, *, settings: Settings, seed: int = 0, anomaly_frac: 
                 buf = []
         else:
             write_fits_cutouts(fits_dir, b.images, b.object_id, b.ra, b.dec, bands, scale, settings.objid_key)
-            write_truth(truth, {"object_id": b.object_id.astype(str), "label": b.label,
-                                "anomaly_class": b.anomaly_class.astype(str), "ra": b.ra, "dec": b.dec,
-                                "footprint": b.footprint}, append=True)
+            truth_blocks.append({"object_id": b.object_id.astype(str), "label": b.label.astype(np.int16),
+                                 "anomaly_class": b.anomaly_class.astype(str), "ra": b.ra, "dec": b.dec,
+                                 "footprint": b.footprint})
         bar.update(len(b.label))
     bar.close()
     if out is not None and buf:
         _flush(out, buf)
+    if truth is not None:   # written once, last: its presence means the cutout directory is complete
+        write_truth(truth, {k: np.concatenate([t[k] for t in truth_blocks]) for k in truth_blocks[0]})
     return {"n": n, "anomalies": n_anom, "store": store, "fits_dir": fits_dir,
             "truth": str(truth) if truth else None}
 

@@ -60,6 +60,9 @@ def test_hunt_scores_only_new_objects_then_has_nothing_to_do(trained, train_stor
     tracking.set_alias("tiny", "champion", trained["version"])
     url = str(tmp_path / "h.zarr")
     shutil.copytree(train_store, url)
+    from flows.score import run_campaign
+
+    run_campaign(url, "tiny", trained["version"], settings)     # last night's hunt
     new = tmp_path / "new"
     simulate_survey(100, settings=settings, seed=9, anomaly_frac=0.1, fits_dir=str(new), workers=1)
     r = hunt_flow(url, "tiny@champion", sdict, source=str(new), out=str(tmp_path / "out"), top_k=3)
@@ -88,17 +91,19 @@ def test_serve_fires_the_scheduled_hunt(trained, train_store, settings, tmp_path
                         "GSAFE_N_WORKERS": "1", "PREFECT_HOME": str(tmp_path / "prefect_serve")}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--cron", "* * * * *", "--store", url,
-                             "--model", "tiny@champion", "--out", str(out)], env=env, stdout=subprocess.PIPE,
+                             "--model", "tiny@champion", "--out", str(out), "--top-k", "2", "--verbose"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True, text=True)
     try:
         deadline = time.time() + 200
         while time.time() < deadline and not (out / "candidates.csv").exists():
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(1)
-        assert (out / "candidates.csv").exists(), "the scheduled hunt never ran"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+    log = proc.stdout.read()
+    assert (out / "candidates.csv").exists(), "the scheduled hunt never ran:\n" + log[-5000:]
+    assert "Completed" in log

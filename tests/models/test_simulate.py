@@ -37,7 +37,7 @@ def test_shapes_dtypes_and_ids(mixed):
     assert mixed.footprint.shape == (n, h, h) and mixed.footprint.dtype == np.uint8
     assert mixed.label.shape == (n,) and mixed.label.dtype == np.int8
     assert mixed.ra.dtype == np.float64 and mixed.dec.dtype == np.float64
-    assert mixed.object_id[0] == "sim-000000040" and mixed.object_id[-1] == "sim-000000063"
+    assert mixed.object_id[0] == "sim7-000000040" and mixed.object_id[-1] == "sim7-000000063"
     assert len(set(mixed.object_id)) == n
     assert np.all(np.abs(mixed.dec - 2.0) <= 0.5) and np.all(np.abs(mixed.ra - 150.0) <= 0.51)
     assert np.isfinite(mixed.images).all()
