@@ -6,6 +6,7 @@ unless PREFECT_API_URL is set we start `prefect server start` ourselves and stop
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -31,8 +32,10 @@ def start_prefect_server(timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     prefect = os.path.join(os.path.dirname(sys.executable), "prefect")
+    # same process group as gsafe: a signal to the group (Ctrl-C, a service manager's stop) reaches it too
     proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    atexit.register(_stop, proc)
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
@@ -44,6 +47,15 @@ def start_prefect_server(timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
     proc.terminate()
     raise GsafeError(f"serve: Prefect server on port {port} not healthy after {timeout:.0f} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def serve_hunt(settings: Settings, *, cron: str, store_url: str, model: str, source: str | None, out: str,
@@ -65,5 +77,4 @@ def serve_hunt(settings: Settings, *, cron: str, store_url: str, model: str, sou
         pass
     finally:
         if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            _stop(proc)

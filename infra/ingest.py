@@ -198,23 +198,35 @@ def ingest(source: str, store_url: str, *, settings: Settings, catalog: str | No
 
 
 def _create_from_first_cutout(source: str, url: str, settings: Settings, catalog: str | None,
-                              record: dict) -> SurveyStore:
-    """A new store shaped like the first good cutout of `source`.
+                              record: dict, probe: int = 1000) -> SurveyStore:
+    """A new store shaped like the survey: the configured bands and cutout size (settings) when the
+    source has such cutouts among its first `probe` inputs, else the first good cutout's shape.
 
-    Reading up to it twice (here, then in the main pass against the store) phrases every
-    rejection reason against the store, so a re-run finds the same reasons already in quarantine.
+    Preferring the configured shape keeps one odd file that sorts first (a 3-band cube, a 32×32
+    stamp) from shaping the store and getting every real cutout quarantined. Reading up to it
+    twice (here, then in the main pass against the store) phrases every rejection reason against
+    the store, so a re-run finds the same reasons already in quarantine.
     """
+    common = dict(objid_key=settings.objid_key, max_missing_frac=settings.max_missing_frac, catalog=catalog,
+                  cutout_size=settings.cutout_size)
+    configured = dict(bands=len(settings.bands), shape=(settings.cutout_size, settings.cutout_size))
     rejected: list[Rejected] = []
-    for item in iter_source(source, bands=None, shape=None, objid_key=settings.objid_key,
-                            max_missing_frac=settings.max_missing_frac, catalog=catalog,
-                            cutout_size=settings.cutout_size):
-        if isinstance(item, Cutout):
-            b, h, w = item.pixels.shape
-            names = tuple(settings.bands) if len(settings.bands) == b else tuple(f"b{i}" for i in range(b))
-            log.info("ingest: creating store %s: %d bands (%s), %dx%d px", url, b, ",".join(names), h, w)
-            return SurveyStore.create(url, bands=names, height=h, width=w, chunk_size=settings.chunk_size,
-                                      pixel_scale=settings.pixel_scale, provenance=record)
-        rejected.append(item)
+    for attempt in (configured, dict(bands=None, shape=None)):
+        for i, item in enumerate(iter_source(source, **attempt, **common)):
+            if isinstance(item, Cutout):
+                b, h, w = item.pixels.shape
+                names = tuple(settings.bands) if len(settings.bands) == b else tuple(f"b{i}" for i in range(b))
+                if attempt is not configured:
+                    log.warning("ingest: no cutout of the configured shape (%d bands, %d×%d) among the first %d "
+                                "inputs; shaping the store like %s; set GSAFE_BANDS / GSAFE_CUTOUT_SIZE to choose",
+                                len(settings.bands), settings.cutout_size, settings.cutout_size, probe, item.source)
+                log.info("ingest: creating store %s: %d bands (%s), %dx%d px", url, b, ",".join(names), h, w)
+                return SurveyStore.create(url, bands=names, height=h, width=w, chunk_size=settings.chunk_size,
+                                          pixel_scale=settings.pixel_scale, provenance=record)
+            if attempt is not configured:
+                rejected.append(item)
+            elif i >= probe:
+                break
     for item in rejected:
         log.warning("ingest: %s: %s: not ingested", _where(item), item.reason)
     what = f"no usable cutout ({len(rejected)} rejected, reasons above)" if rejected else "no inputs"

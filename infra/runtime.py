@@ -46,8 +46,7 @@ def configure_environment(settings: Settings) -> None:
         os.environ["PREFECT_API_URL"] = settings.prefect_api_url
     logging.basicConfig(level=logging.INFO if settings.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
-    for name in ("gsafe",):
-        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("gsafe").setLevel(logging.INFO if settings.verbose else logging.WARNING)
     for noisy in ("mlflow", "alembic", "distributed", "prefect", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.INFO if settings.verbose else logging.ERROR)
 

@@ -139,6 +139,20 @@ def test_band_names_from_settings_only_when_the_count_matches(tmp_path, tmp_sett
     assert SurveyStore.open(str(tmp_path / "two.zarr")).bands == ("b0", "b1")
 
 
+def test_an_odd_cutout_sorting_first_does_not_shape_the_store(tmp_path, tmp_store_url):
+    """A 3-band cube and a smaller stamp that sort before the survey are quarantined, not the survey."""
+    d = tmp_path / "c"
+    d.mkdir()
+    write_cube(d / "a_three_bands.fits", "odd3", data=np.ones((3, 8, 8), np.float32))
+    write_cube(d / "b_small.fits", "odd_small", data=np.ones((5, 4, 4), np.float32))
+    for i in range(4):
+        write_cube(d / f"c_{i}.fits", f"obj{i}", seed=i)
+    s = Settings(home=tmp_path / "home", chunk_size=4, cutout_size=8, progress=False)
+    summary = ingest(str(d), tmp_store_url, settings=s, progress=False)
+    assert (summary.ingested, summary.quarantined) == (4, 2)
+    assert SurveyStore.open(tmp_store_url).image_shape == SHAPE
+
+
 def test_extra_columns_are_written(tmp_path, tmp_store_url, tmp_settings):
     np.save(tmp_path / "c.npy", np.ones((6, 5, 8, 8), np.float32))
     ingest(str(tmp_path / "c.npy"), tmp_store_url, settings=tmp_settings, progress=False,
