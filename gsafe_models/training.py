@@ -1,0 +1,188 @@
+r"""One training loop for every representation: streaming, device-agnostic, seeded, early-stopped."""
+
+__all__ = [
+    "fit_representation",
+    "resolve_device",
+]
+
+import contextlib
+import copy
+import math
+import time
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+
+from torch import Tensor
+
+from .nets import AutoEncoder, VAE
+from .normalise import BandNormaliser
+
+BatchFactory = Callable[[], Iterable[np.ndarray]]
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    r"""Returns `device`, or CUDA when there is one and CPU otherwise."""
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    r"""Turns on deterministic algorithms for the block only, restoring the caller's setting."""
+
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
+
+def _dihedral(x: Tensor, k: int) -> Tensor:
+    r"""Returns one of the 8 rotations/flips of cutouts :math:`(N, B, H, W)` (the sky has no up)."""
+
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1)) if x.shape[-1] == x.shape[-2] else x
+
+
+def fit_representation(
+    model: AutoEncoder | VAE,
+    normaliser: BandNormaliser,
+    train: BatchFactory,
+    val: BatchFactory | None = None,
+    *,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    patience: int = 4,
+    augment: bool = True,
+    weight_decay: float = 0.0,
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    r"""Trains a representation on raw cutouts streamed in batches; restores the best epoch.
+
+    Every epoch calls `train()` afresh and iterates it, so the survey never has to fit in
+    memory; the factory decides the order (shuffle there). NaN pixels are masked out of the
+    loss. On CUDA the forward pass runs under autocast (bfloat16 where supported, else float16
+    with a gradient scaler); on CPU it runs in float32 with deterministic algorithms, so the same
+    seed and batches give the same losses. Early stopping watches the validation loss (the
+    training loss when `val` is None) and the weights of the best epoch are restored at the end.
+
+    Arguments:
+        model: An :class:`~gsafe_models.nets.AutoEncoder` or :class:`~gsafe_models.nets.VAE`.
+        normaliser: A fitted :class:`~gsafe_models.normalise.BandNormaliser`.
+        train: Returns an iterable of raw batches :math:`(b, B, H, W)` float32 counts, NaN = missing.
+        val: The same for the validation split, or None.
+        epochs: The maximum number of epochs.
+        lr: Adam's learning rate (cosine-annealed to 5 % over `epochs`).
+        device: `"cuda"`, `"cpu"`..., or None for CUDA when present.
+        seed: Seeds initialisation-independent randomness (VAE noise, augmentation).
+        patience: Stop after this many epochs without improvement.
+        augment: Train on random rotations and flips of each batch.
+        weight_decay: AdamW's decoupled weight decay.
+        progress: Called after every batch with `{"event": "batch", "batch", "loss", ...loss parts}`
+            and after every epoch with `{"event": "epoch", ...}` and the epoch's record.
+
+    Returns:
+        One dict per epoch: `epoch`, `train_loss`, `val_loss` (None without `val`), `seconds`, `lr`.
+
+    Example:
+        >>> from gsafe_models.nets import AutoEncoder
+        >>> x = np.random.default_rng(0).normal(size=(32, 3, 16, 16)).astype(np.float32)
+        >>> norm = BandNormaliser(3).fit(x)
+        >>> history = fit_representation(AutoEncoder((3, 16, 16), 4), norm, lambda: [x[:16], x[16:]], epochs=2)
+        >>> len(history)
+        2
+    """
+
+    device = resolve_device(device)
+    cuda = device.type == "cuda"
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+
+    model.to(device)
+    normaliser.to(device)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(epochs, 1), eta_min=0.05 * lr)
+    generator = torch.Generator().manual_seed(seed)
+
+    def batches(factory: BatchFactory):
+        for batch in factory():
+            x = torch.as_tensor(np.asarray(batch, dtype=np.float32)).to(device, non_blocking=True)
+            yield normaliser(x)
+
+    def autocast():
+        return torch.autocast("cuda", dtype=amp_dtype) if cuda else contextlib.nullcontext()
+
+    history: list[dict] = []
+    best, best_state, stale = math.inf, None, 0
+
+    with _deterministic(not cuda):
+        torch.manual_seed(seed)
+        for epoch in range(epochs):
+            start = time.perf_counter()
+            model.train()
+            total, count = 0.0, 0
+            for i, (x, mask) in enumerate(batches(train)):
+                if augment:
+                    k = int(torch.randint(8, (1,), generator=generator))
+                    x, mask = _dihedral(x, k), _dihedral(mask, k)
+                with autocast():
+                    loss, parts = model.loss(x, mask)
+                optimiser.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimiser)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                scaler.step(optimiser)
+                scaler.update()
+                total += loss.item() * len(x)
+                count += len(x)
+                if progress is not None:
+                    progress({"event": "batch", "batch": i, "loss": loss.item(), **parts})
+            if count == 0:
+                raise ValueError("fit_representation: the training factory yielded no batch")
+
+            val_loss = None
+            if val is not None:
+                model.eval()
+                v_total, v_count = 0.0, 0
+                with torch.no_grad(), autocast():
+                    for x, mask in batches(val):
+                        v_total += model.loss(x, mask)[0].item() * len(x)
+                        v_count += len(x)
+                val_loss = v_total / max(v_count, 1)
+
+            record = {
+                "epoch": epoch,
+                "train_loss": total / count,
+                "val_loss": val_loss,
+                "seconds": time.perf_counter() - start,
+                "lr": optimiser.param_groups[0]["lr"],
+            }
+            history.append(record)
+            schedule.step()
+            if progress is not None:
+                progress({"event": "epoch", **record})
+
+            watched = record["train_loss"] if val_loss is None else val_loss
+            if watched < best:
+                best, stale = watched, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if stale >= patience:
+                    break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return history

@@ -1,0 +1,159 @@
+"""Detector: fit on a tiny simulated survey, score, calibrate, round-trip through bytes."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from scipy import stats
+
+from gsafe_models.detector import STATISTICS, Detector, DetectorConfig
+from gsafe_models.metrics import auroc
+from gsafe_models.simulate import simulate_batch
+
+BANDS = ("g", "r", "i")
+SIZE = 16
+
+
+def _batches(x, bs=64):
+    return lambda: (x[i : i + bs] for i in range(0, len(x), bs))
+
+
+@pytest.fixture(scope="module")
+def survey():
+    sim = dict(bands=BANDS, size=SIZE)
+    train = simulate_batch(0, 320, seed=1, anomaly_frac=0.0, **sim).images
+    calib = simulate_batch(0, 240, seed=2, anomaly_frac=0.0, **sim).images
+    test = simulate_batch(0, 300, seed=3, anomaly_frac=0.3, **sim)
+    train[3, 1, 2:5, 2:5] = np.nan  # missing pixels in training must not hurt
+    return {"train": train, "calib": calib, "test": test}
+
+
+@pytest.fixture(scope="module")
+def detector(survey):
+    torch.manual_seed(0)
+    config = DetectorConfig(
+        latent_dim=8, epochs=6, lr=3e-3, channels=(8, 16), statistics=STATISTICS, flow_epochs=15, flow_transforms=2
+    )
+    return Detector.fit(
+        _batches(survey["train"]), _batches(survey["calib"]), config=config, val=_batches(survey["calib"][:64]), bands=BANDS
+    )
+
+
+def test_score_has_every_column_with_one_value_per_object(detector, survey):
+    x = survey["test"].images[:37]
+    out = detector.score(x)
+    names = detector.statistic_names
+    expected = {"score", "p_value", "q_value"} | {f"stat_{n}" for n in names} | {f"p_{n}" for n in names}
+    assert set(out) == expected
+    assert all(v.shape == (37,) and np.isfinite(v).all() for v in out.values())
+    assert ((out["p_value"] >= 0) & (out["p_value"] <= 1)).all()  # extreme objects may underflow to 0
+    assert ((out["p_value"] > 0) | (out["score"] > 300)).all()
+    assert "q_value" not in detector.score(x, q_values=False)
+
+
+def test_attributes_describe_the_detector(detector):
+    assert detector.bands == BANDS
+    assert detector.image_shape == (3, SIZE, SIZE)
+    assert detector.statistic_names == list(STATISTICS)
+    assert detector.history and "train_loss" in detector.history[0]
+    assert 0 <= detector.diagnostics["calibration_ks"] <= 1
+
+
+def test_encode_reconstruct_and_impute_shapes(detector, survey):
+    x = survey["test"].images[:5]
+    assert detector.encode(x).shape == (5, 8)
+    rec = detector.reconstruct(x)
+    assert rec.shape == x.shape and rec.dtype == np.float32
+    imputed = detector.impute_function()(torch.from_numpy(x))
+    np.testing.assert_allclose(imputed.numpy(), rec, rtol=1e-5, atol=1e-3)
+
+
+def test_round_trip_through_bytes_scores_identically(detector, survey):
+    x = survey["test"].images[:50]
+    copy = Detector.from_bytes(detector.to_bytes())
+    a, b = detector.score(x), copy.score(x)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert copy.config == detector.config and copy.bands == detector.bands
+    assert copy.diagnostics == detector.diagnostics and copy.history == detector.history
+
+
+@pytest.fixture(scope="module")
+def small_detector(detector, survey):
+    """Statistics suited to 16-pixel cutouts, re-assembled around the same trained representation
+    (the default set is tuned on 64-pixel cutouts, where galaxies fit in the core aperture)."""
+    statistics = ("peak", "nll_gmm", "rao_gmm", "sharpness", "asymmetry")
+    config = dataclasses.replace(detector.config, statistics=statistics, combination="fisher")
+    b = detector._bundle
+    return Detector.assemble(b.normaliser, b.net, _batches(survey["train"]), _batches(survey["calib"]), config=config, bands=BANDS)
+
+
+def test_injected_anomalies_score_clearly_above_normal_objects(small_detector, survey):
+    test = survey["test"]
+    out = small_detector.score(test.images)
+    assert auroc(out["score"], test.label) > 0.8
+
+
+def test_assemble_reuses_the_representation(detector, small_detector, survey):
+    x = survey["test"].images[:6]
+    np.testing.assert_array_equal(detector.encode(x), small_detector.encode(x))
+    assert small_detector.statistic_names == ["peak", "nll_gmm", "rao_gmm", "sharpness", "asymmetry"]
+
+
+def test_p_values_are_roughly_uniform_on_fresh_normal_objects(detector, survey):
+    test = survey["test"]
+    out = detector.score(test.images[test.label == 0])
+    assert stats.kstest(out["p_value"], "uniform").pvalue > 1e-3
+    for n in ("G", "nll_gmm", "colour"):
+        assert stats.kstest(out[f"p_{n}"], "uniform").pvalue > 1e-3, n
+
+
+def test_no_ties_among_the_top_scores(detector, survey):
+    score = detector.score(survey["test"].images)["score"]
+    top = np.sort(score)[-30:]
+    assert len(np.unique(top)) == len(top)
+
+
+def test_nan_pixels_and_empty_input_are_scored(detector, survey):
+    x = survey["test"].images[:4].copy()
+    x[0, :, :4] = np.nan
+    x[1, 2] = np.nan  # a whole band missing
+    out = detector.score(x)
+    assert all(np.isfinite(v).all() for v in out.values())
+    empty = detector.score(np.zeros((0, 3, SIZE, SIZE), np.float32))
+    assert all(v.shape == (0,) for v in empty.values())
+
+
+def test_score_function_is_differentiable(detector, survey):
+    x = torch.from_numpy(survey["test"].images[:3]).requires_grad_(True)
+    for statistic in (None, "G", "rao_flow", "asymmetry"):
+        s = detector.score_function(statistic)(x)
+        assert s.shape == (3,)
+        (g,) = torch.autograd.grad(s.sum(), x)
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, statistic
+    stat = detector.statistics(survey["test"].images[:3], ["G"])["G"]
+    np.testing.assert_allclose(detector.score_function("G")(x).detach().numpy(), stat, rtol=1e-5)
+
+
+def test_scoring_in_chunks_matches_one_pass(detector, survey):
+    x = np.concatenate([survey["test"].images] * 2)[:520]  # more than two internal chunks
+    full = detector.statistics(x)
+    part = detector.statistics(x[:100])
+    for k in full:
+        np.testing.assert_allclose(full[k][:100], part[k], rtol=1e-5, atol=1e-8, err_msg=k)
+
+
+def test_vae_detector_fits_and_round_trips(survey):
+    config = DetectorConfig(representation="vae", latent_dim=4, epochs=1, channels=(8,), statistics=("G", "typicality_gmm"), combination="dose")
+    det = Detector.fit(_batches(survey["train"][:128]), _batches(survey["calib"][:100]), config=config)
+    x = survey["test"].images[:8]
+    np.testing.assert_array_equal(det.score(x)["score"], Detector.from_bytes(det.to_bytes()).score(x)["score"])
+
+
+def test_config_rejects_unknown_statistics():
+    with pytest.raises(ValueError, match="unknown"):
+        DetectorConfig(statistics=("G", "magic"))
+    assert dataclasses.asdict(DetectorConfig())["statistics"]
