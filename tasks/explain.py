@@ -17,7 +17,7 @@ __all__ = ["top_rows", "explain_rows_task"]
 
 BANK = 2000          # normal objects encoded for neighbours and the latent map
 N_NEIGHBOURS = 3
-LEX_FILE, LEX_TRAIN, LEX_EPOCHS = "lex_selector.pt", 1024, 3
+LEX_FILE, LEX_TRAIN, LEX_EPOCHS = "lex_selector.pt", 256, 3
 
 
 def top_rows(store: SurveyStore, name: str, version: int, k: int) -> np.ndarray:
@@ -35,7 +35,7 @@ def _bank_rows(store: SurveyStore, p_value: np.ndarray, exclude: np.ndarray, see
 
 
 def lex_selector(det, store_url: str, name: str, version: int) -> ex.LexSelector:
-    """The model's LEX selector: trained once per model version on its store, then kept beside it in MLflow."""
+    """The model's LEX selector: trained once per model version, then kept beside it in MLflow."""
     import io
 
     from infra import tracking
@@ -47,9 +47,9 @@ def lex_selector(det, store_url: str, name: str, version: int) -> ex.LexSelector
     if cached is not None:
         selector.load_state_dict(torch.load(io.BytesIO(cached), map_location="cpu"))
         return selector.eval()
+    # trained on the survey stream itself (no labels): a clean training split would show it no anomaly to keep
     store = SurveyStore.open(store_url)
-    train_rows = split_rows(store.read_catalog(["id_hash"])["id_hash"])["train"]
-    batches = StoreBatches(store_url, train_rows, 64, shuffle=True, limit=LEX_TRAIN)
+    batches = StoreBatches(store_url, np.arange(store.n), 32, shuffle=True, limit=LEX_TRAIN)
     selector.fit(det.score_function(), det.impute_function(), lambda: (torch.as_tensor(b) for b in batches()),
                  epochs=LEX_EPOCHS)
     buf = io.BytesIO()
