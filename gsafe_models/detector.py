@@ -220,8 +220,9 @@ class _Bundle(nn.Module):
         self.aperture = max(2.0, 0.1 * min(H, W))
         self.asymmetry_aperture = max(3.0, 0.2 * min(H, W))
         self.register_buffer("core", aperture_weights(H, W, max(3.0, 0.19 * min(H, W))))
-        self.register_buffer("g_scale", torch.ones((), dtype=torch.float64))
-        self.register_buffer("c_scale", torch.ones((), dtype=torch.float64))
+        # NaN until fitted: AS needs the training scales of G and C
+        self.register_buffer("g_scale", torch.tensor(math.nan, dtype=torch.float64))
+        self.register_buffer("c_scale", torch.tensor(math.nan, dtype=torch.float64))
         self.register_buffer("nll_mean", torch.zeros(2, dtype=torch.float64))  # gmm, flow
         self.register_buffer("surrogate_loc", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("surrogate_scale", torch.ones(0, dtype=torch.float64))
@@ -279,6 +280,19 @@ class _Bundle(nn.Module):
             out.update({k: v for k, v in self.photometry(raw).items() if k in keys})
         return out
 
+    def fitted(self, name: str) -> bool:
+        r"""Returns whether the references statistic `name` is compared with were fitted."""
+
+        if name == "AS":
+            return not bool(self.g_scale.isnan())
+        if name.endswith(("_gmm", "_flow")):
+            density = name.rsplit("_", 1)[1]
+            part = f"rao_{density}" if name.startswith("rao") else density
+            return getattr(self, part) is not None
+        if name in ("colour", "concentration"):
+            return name in self.maha
+        return name in STATISTICS
+
     def derive(self, base: dict[str, Tensor], names: Iterable[str]) -> dict[str, Tensor]:
         r"""Returns the named statistics, each :math:`(N,)`, from :meth:`base` quantities."""
 
@@ -288,6 +302,8 @@ class _Bundle(nn.Module):
         for name in names:
             if name in ("G", "C", "peak", "peak_core", "sharpness", "line", "asymmetry"):
                 s = base[name]
+            elif not self.fitted(name):
+                raise KeyError(f"statistic {name!r} was not fitted by this detector: fit one with it among its statistics")
             elif name == "AS":
                 s = anomaly_score(base["G"], base["C"], self.lam, self.g_scale.to(z.dtype), self.c_scale.to(z.dtype))
             elif name in ("nll_gmm", "typicality_gmm"):
@@ -513,7 +529,7 @@ class Detector:
     # Scoring
 
     def _device(self) -> torch.device:
-        return self._bundle.g_scale.device
+        return self._bundle.core.device
 
     def _chunks(self, images: np.ndarray) -> Iterator[Tensor]:
         images = np.asarray(images)
@@ -576,9 +592,11 @@ class Detector:
         else:
             res = {k: np.zeros(0) for k in ["score", "p_value", *(f"p_{n}" for n in self.statistic_names)]}
         out["score"] = res["score"]
-        out["p_value"] = res["p_value"]
+        # the tail model can underflow to 0 far beyond the calibration range; a p-value of exactly 0
+        # would claim the impossible, so report the smallest positive double instead (score stays exact)
+        out["p_value"] = np.maximum(res["p_value"], np.finfo(np.float64).tiny)
         if q_values:
-            out["q_value"] = bh_qvalues(res["p_value"])
+            out["q_value"] = bh_qvalues(out["p_value"])
         for n in self.statistic_names:
             out[f"stat_{n}"] = raw[n]
         for n in self.statistic_names:

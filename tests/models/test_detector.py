@@ -157,3 +157,12 @@ def test_config_rejects_unknown_statistics():
     with pytest.raises(ValueError, match="unknown"):
         DetectorConfig(statistics=("G", "magic"))
     assert dataclasses.asdict(DetectorConfig())["statistics"]
+
+
+def test_unfitted_statistics_raise_and_reference_free_ones_compute(small_detector, survey):
+    x = survey["test"].images[:4]
+    for name in ("AS", "nll_flow", "typicality_flow", "rao_flow", "colour"):
+        with pytest.raises(KeyError, match=name):
+            small_detector.statistics(x, [name])
+    out = small_detector.statistics(x, ["G", "C", "line", "peak_core"])
+    assert all(v.shape == (4,) for v in out.values())
