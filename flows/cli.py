@@ -152,11 +152,13 @@ def score(store: str = typer.Option(..., "--store"),
 
     ref, r = _run(go)
     st = SurveyStore.open(store)
-    df = read_scores(st, st.score_table(ref.name, ref.version))
-    if out:
+    table = st.score_table(ref.name, ref.version)
+    if out:  # the whole table in memory only when asked for it
+        df = read_scores(st, table)
         out.parent.mkdir(parents=True, exist_ok=True)
         df.to_parquet(out, index=False) if out.suffix == ".parquet" else df.to_csv(out, index=False)
-    n_sig = int((df["q_value"] <= 0.1).sum())
+    n_sig = sum(int((table.read(["q_value"], i, i + st.chunk_size)["q_value"] <= 0.1).sum())
+                for i in range(0, table.n, st.chunk_size))
     typer.echo(f"score: {r['n']} objects with {ref} ({r['chunks_scored']} chunks scored now) in {r['seconds']:.1f} s; "
                f"{n_sig} candidates at q ≤ 0.1" + (f"; table → {out}" if out else ""))
 

@@ -683,7 +683,8 @@ class Detector:
 
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         if payload.get("format") != _FORMAT:
-            raise ValueError(f"Detector.from_bytes: format {payload.get('format')}, this gsafe reads format {_FORMAT}")
+            raise ValueError(f"Detector.from_bytes: the detector was saved in format {payload.get('format')}, this "
+                             f"gsafe reads format {_FORMAT}; retrain it (`gsafe train`) or use the gsafe that made it")
         config = DetectorConfig(**payload["config"])
         net_config = dict(payload["net"])
         net_config["shape"] = tuple(net_config["shape"])
@@ -702,7 +703,12 @@ class Detector:
         state = payload["state_dict"]
         for name in ("surrogate_loc", "surrogate_scale"):  # sized at fit time
             setattr(bundle, name, torch.empty_like(state[name]))
-        bundle.load_state_dict(state)
+        try:
+            bundle.load_state_dict(state)
+        except RuntimeError as e:  # buffers changed without a format bump: say so, not torch's key list
+            raise ValueError(f"Detector.from_bytes: the saved weights do not fit this gsafe's Detector (format "
+                             f"{_FORMAT}); retrain it (`gsafe train`) or use the gsafe that made it. "
+                             f"torch: {str(e).splitlines()[0]}") from e
         bundle.to(map_location)
         test = CombinedTest.from_state(_tree_from_torch(payload["test"]))
         return cls(config, bundle, test, tuple(payload["bands"]), _tree_from_torch(payload["history"]), _tree_from_torch(payload["diagnostics"]))

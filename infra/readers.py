@@ -321,18 +321,46 @@ def _array_shape_problem(shape: tuple[int, ...]) -> str | None:
     return f"array of shape {tuple(shape)}: expected (N, B, H, W) cutouts{hint}"
 
 
-def _iter_npy(path: Path) -> Iterator[_Raw | Rejected]:
+def _iter_npy(path: Path, block_bytes: int = 16 << 20) -> Iterator[_Raw | Rejected]:
+    """Rows of an (N, B, H, W) .npy file, read in blocks of ~`block_bytes` with plain reads.
+
+    Not memory-mapped: pages of a mapped file count in the reader's RSS until unmapped, so
+    ingesting a 20 GB source would look like a 20 GB process. Fortran-ordered arrays (rows not
+    contiguous) fall back to a memory map.
+    """
     src, stem = str(path), path.stem
     try:
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:
+        f = open(path, "rb")
+    except OSError as e:
         yield Rejected(src, "", f"unreadable .npy: {type(e).__name__}: {_first_line(e)}")
         return
-    if (problem := _array_shape_problem(images.shape)) is not None:
-        yield Rejected(src, "", problem)
-        return
-    for i in range(len(images)):
-        yield _Raw(f"{stem}-{i}", np.asarray(images[i]), src)
+    with f:
+        try:
+            shape, fortran, dtype = _npy_header(f)
+            if dtype.hasobject:
+                raise ValueError("object arrays are not cutouts (pickled data is never loaded)")
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if shape else 0
+            need = (shape[0] if shape else 1) * row
+            have = os.fstat(f.fileno()).st_size - f.tell()
+            if have < need:
+                raise ValueError(f"file is truncated: {have} bytes of data, the header promises {need}")
+        except Exception as e:
+            yield Rejected(src, "", f"unreadable .npy: {type(e).__name__}: {_first_line(e)}")
+            return
+        if (problem := _array_shape_problem(shape)) is not None:
+            yield Rejected(src, "", problem)
+            return
+        if fortran:
+            images = np.load(path, mmap_mode="r", allow_pickle=False)
+            for i in range(len(images)):
+                yield _Raw(f"{stem}-{i}", np.asarray(images[i]), src)
+            return
+        per_block = max(1, block_bytes // max(row, 1))
+        for start in range(0, shape[0], per_block):
+            k = min(per_block, shape[0] - start)
+            block = np.fromfile(f, dtype=dtype, count=k * (row // dtype.itemsize)).reshape((k,) + tuple(shape[1:]))
+            for j in range(k):
+                yield _Raw(f"{stem}-{start + j}", block[j], src)
 
 
 def _iter_npz(path: Path) -> Iterator[_Raw | Rejected]:

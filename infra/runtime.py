@@ -12,6 +12,8 @@ import logging
 import os
 from typing import Iterator
 
+import dask
+
 from infra.settings import Settings
 
 __all__ = ["configure_environment", "ensure_prefect_server", "flow_context", "task_runner",
@@ -60,7 +62,7 @@ def ensure_prefect_server(settings: Settings) -> str:
     from prefect.server.api.server import SubprocessASGIServer
 
     _server = SubprocessASGIServer()
-    _server.start()
+    _server.start(timeout=120)  # Prefect's 20 s default is too short on a busy 2-core machine
     os.environ["PREFECT_API_URL"] = _server.api_url
     return _server.api_url
 
@@ -114,6 +116,11 @@ def task_runner(settings: Settings):
 
     if settings.dask_address:
         return DaskTaskRunner(address=settings.dask_address)
+    # Dask's Nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which switches off glibc's
+    # adaptive mmap threshold: every ~20 MiB batch tensor is then mmap'd, faulted in and unmapped
+    # again, and scoring ran ~1/3 slower (bench/throughput.py). glibc's default keeps memory flat
+    # here (bench/memory.py), so the variable is left unset unless the user's environment sets it.
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     n = settings.n_workers or _default_workers()
     kwargs = {"n_workers": n, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
               "silence_logs": logging.INFO if settings.verbose else logging.ERROR}

@@ -334,3 +334,23 @@ def test_npz_problems_are_whole_source_rejections(tmp_path):
     assert reasons["badids.npz"] == "'ids' has 1 entries, 'images' 2: they must align"
     assert reasons["flat.npy"].endswith("add a band axis: a[:, None]")
     assert reasons["junk.npy"].startswith("unreadable .npy")
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_npy_is_read_in_blocks_without_losing_rows(tmp_path, order):
+    from infra.readers import _iter_npy
+
+    images = np.asarray(np.random.default_rng(1).random((7, 2, 5, 5)), order=order)
+    np.save(tmp_path / "many.npy", images)
+    # 3 rows per block: blocks of 3, 3, 1 (a block edge inside the array and a short last block)
+    items = list(_iter_npy(tmp_path / "many.npy", block_bytes=3 * 2 * 5 * 5 * 8))
+    assert [i.object_id for i in items] == [f"many-{k}" for k in range(7)]
+    np.testing.assert_array_equal(np.stack([i.data for i in items]), images)
+
+
+def test_truncated_npy_is_rejected_whole(tmp_path):
+    np.save(tmp_path / "cut.npy", np.ones((4, 1, 8, 8)))
+    data = (tmp_path / "cut.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[:-100])
+    reason = rejected_reason(tmp_path / "cut.npy", bands=1)
+    assert reason.startswith("unreadable .npy") and "truncated" in reason

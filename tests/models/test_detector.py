@@ -166,3 +166,18 @@ def test_unfitted_statistics_raise_and_reference_free_ones_compute(small_detecto
             small_detector.statistics(x, [name])
     out = small_detector.statistics(x, ["G", "C", "line", "peak_core"])
     assert all(v.shape == (4,) for v in out.values())
+
+
+def test_payload_of_another_layout_gives_a_clear_error(detector):
+    import io
+
+    payload = torch.load(io.BytesIO(detector.to_bytes()), weights_only=True)
+    stale = dict(payload, state_dict={k: v for k, v in payload["state_dict"].items() if "net." not in k})
+    buffer = io.BytesIO()
+    torch.save(stale, buffer)
+    with pytest.raises(ValueError, match="retrain it"):
+        Detector.from_bytes(buffer.getvalue())
+    buffer = io.BytesIO()
+    torch.save(dict(payload, format=-1), buffer)
+    with pytest.raises(ValueError, match="format -1"):
+        Detector.from_bytes(buffer.getvalue())
