@@ -47,7 +47,8 @@ from _common import (Timer, augmented_chunks, bench_home, evict_from_page_cache,
 
 MODEL = "bench-throughput"
 # statistics.py functions that Detector's base() calls on residuals, each timed apart when present
-RESIDUAL_FUNCTIONS = ("reconstruction_residual", "feature_residual", "peak_residual", "sharpness", "line_residual")
+RESIDUAL_FUNCTIONS = ("reconstruction_residual", "feature_residual", "local_residual", "peak_of", "sharpness",
+                      "line_residual")
 OUTER = ("read (raw chunk bytes from disk)", "decompress (Blosc lz4)", "Detector.score",
          "write (score columns + done flag)")
 OTHER = "other Detector.score work (masks, copies, glue)"

@@ -116,6 +116,7 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
           beta: Optional[float] = typer.Option(None, "--beta", help="VAE β"),
           statistics: Optional[str] = typer.Option(None, "--statistics", help="comma-separated score statistics (default: the benchmark's best set)"),
           combination: Optional[str] = typer.Option(None, "--combination", help="fisher, stouffer, simes, bonferroni, cauchy or dose"),
+          calibration_trim: Optional[float] = typer.Option(None, "--calibration-trim", help="largest share of calibration values that may be dropped as outliers (the anomalies a 'normal' set holds; default 0.05, 0 keeps all)"),
           home: Optional[Path] = HOME, verbose: bool = VERBOSE):
     """Train a Detector (representation + latent densities + calibrated combined test) on a store,
     log the run to MLflow and register the Detector as a new model version."""
@@ -123,7 +124,7 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
     from flows.train import train_flow
 
     cfg = {"seed": seed, "epochs": epochs, "representation": representation, "latent_dim": latent_dim,
-           "beta": beta, "combination": combination,
+           "beta": beta, "combination": combination, "calibration_trim": calibration_trim,
            "statistics": tuple(x.strip() for x in statistics.split(",")) if statistics else None}
     r = _run(train_flow, store, model, {k: v for k, v in cfg.items() if v is not None}, _settings_dict(s))
     m = " ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items() if k in ("val_auroc", "calibration_ks"))

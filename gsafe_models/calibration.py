@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from scipy import special, stats
+from scipy import optimize, special, stats
 
 from .density import GaussianMixture
 
@@ -99,6 +99,12 @@ class TailCalibrator:
     everything past its endpoint, and a heavier tail model errs on the conservative side.
     Below :math:`1/(n+1)` the p-values rest on that tail model, not on exchangeability.
 
+    Before that, the largest calibration values that are outliers of the rest (the anomalies
+    every real "normal" set holds) are removed, at most `trim` of them (see
+    :meth:`_outliers`); if any were, the tail is extrapolated no lighter than a GPD of shape
+    0.25, so that a normal value cut by mistake cannot make extreme normal objects look like
+    discoveries. `trimmed` says how many were removed.
+
     References:
         | Statistical Inference Using Extreme Order Statistics (Pickands, 1975)
         | https://doi.org/10.1214/aos/1176343003
@@ -108,6 +114,12 @@ class TailCalibrator:
     Arguments:
         tail_frac: The upper fraction of calibration statistics the GPD is fitted to.
         min_tail: The fewest exceedances the GPD is fitted to (if `n` allows).
+        trim: The largest share of calibration values that may be removed as outliers; 0
+            keeps them all.
+        trim_alpha: The family-wise level of the outlier test on clean data.
+        trim_max_shape: The heaviest GPD tail the outlier test assumes unless the data
+            demand more; 0 for statistics with an exponential tail.
+        log_pvalue: The statistic is :math:`-\log` of a valid p-value (its tail is known).
 
     Example:
         >>> cal = TailCalibrator().fit(np.random.default_rng(0).normal(size=999))
@@ -116,23 +128,45 @@ class TailCalibrator:
         True
     """
 
-    def __init__(self, tail_frac: float = 0.1, min_tail: int = 10) -> None:
+    def __init__(self, tail_frac: float = 0.1, min_tail: int = 10, trim: float = 0.05, trim_alpha: float = 0.01,
+                 trim_max_shape: float = 0.1, log_pvalue: bool = False) -> None:
         if not 0 < tail_frac <= 1:
             raise ValueError(f"TailCalibrator: tail_frac={tail_frac} must be in (0, 1]")
+        if not 0 <= trim < 0.5 or not 0 < trim_alpha < 1:
+            raise ValueError(f"TailCalibrator: trim={trim} must be in [0, 0.5) and trim_alpha={trim_alpha} in (0, 1)")
         self.tail_frac = tail_frac
         self.min_tail = min_tail
+        self.trim = trim
+        self.trim_alpha = trim_alpha
+        self.trim_max_shape = trim_max_shape
+        self.log_pvalue = log_pvalue
+        self.trimmed = 0
 
     def fit(self, calib: np.ndarray) -> "TailCalibrator":
-        r"""Stores the calibration statistics and fits the tail.
+        r"""Stores the calibration statistics, less the outliers among them, and fits the tail.
 
         Arguments:
             calib: Statistics of held-out normal objects, shape :math:`(n,)`, finite.
         """
 
         values = np.sort(_check_calib(calib, "TailCalibrator.fit"))
+        self.trimmed = self._outliers(values)
+        values = values[: values.size - self.trimmed]
+        threshold, shape, scale, _ = self._fit_tail(values)
+        if self.trimmed and shape < _TRIMMED_MIN_SHAPE:
+            # The outlier test assumed a light tail; if it cut normal values too, a light
+            # tail fitted to the rest would make the most extreme normal objects look like
+            # discoveries. Extrapolate no lighter than this shape (conservative).
+            shape, scale = _TRIMMED_MIN_SHAPE, self._scale_given_shape(values, threshold, _TRIMMED_MIN_SHAPE)
+        self._set(values, threshold, shape, scale)
+        return self
+
+    def _fit_tail(self, values: np.ndarray) -> tuple[float, float, float, int]:
+        r"""Returns (threshold, shape, scale, number of exceedances) of the GPD fitted to the
+        upper tail of sorted `values`."""
+
         n = values.size
         m = min(n - 1, max(self.min_tail, math.ceil(self.tail_frac * n)))
-
         if m >= 1:
             threshold = values[n - m - 1]
             exceed = values[n - m :] - threshold
@@ -151,9 +185,81 @@ class TailCalibrator:
         if not scale > 0:  # all exceedances tied: any positive scale keeps p decreasing
             spread = float(values[-1] - values[0])
             scale = spread / n if spread > 0 else max(abs(float(values[-1])), 1.0)
+        return float(threshold), shape, scale, max(m, 1)
 
-        self._set(values, float(threshold), shape, scale)
-        return self
+    def _scale_given_shape(self, values: np.ndarray, threshold: float, shape: float) -> float:
+        r"""Returns the maximum-likelihood GPD scale of the exceedances over `threshold` at `shape`."""
+
+        y = values[values > threshold] - threshold
+        if y.size == 0 or not np.ptp(np.r_[0.0, y]) > 0:
+            return self.scale if getattr(self, "scale", 0) > 0 else 1.0
+        res = optimize.minimize_scalar(
+            lambda ls: y.size * ls + (1 + 1 / shape) * np.log1p(shape * y / math.exp(ls)).sum(),
+            bounds=(math.log(y.mean()) - 10, math.log(y.mean()) + 5), method="bounded")
+        return float(math.exp(res.x))
+
+    def _outliers(self, values: np.ndarray) -> int:
+        r"""Returns how many of the largest sorted `values` are outliers of the rest.
+
+        Real calibration sets are contaminated: a survey's "normal" objects hold ~1 % of
+        anomalies, whose statistics lie far beyond the normal tail. Left in, one of them sets
+        :math:`c_{(n)}` and fattens the fitted tail, so every anomaly below it gets
+        :math:`p \geq 1/(n+1)` and nothing survives a false-discovery cut.
+
+        The test: a GPD is fitted by maximum likelihood to the exceedances over the upper
+        20 % quantile with the top :math:`k` = `trim` :math:`\cdot n` values *censored*
+        (only known to lie above the :math:`k`-th largest), so contaminants cannot bend the
+        fit; its shape is capped at `trim_max_shape` unless a likelihood-ratio test (1 %)
+        asks for a heavier tail. With `log_pvalue` the tail is known instead,
+        :math:`P(T \geq x) \leq e^{-x}`. Under it, the :math:`r`-th largest value has tail probability
+        :math:`q_r`, and :math:`1 - (1 - q_r)^{n - r + 1}` is the chance that the largest of the
+        :math:`n - r + 1` values left, once those above it are out, reaches that far; the
+        largest :math:`r \leq k` for which this is below
+        `trim_alpha` / :math:`k` (a generalized ESD procedure, Rosner 1983, on a censored
+        tail model) gives the outliers. On clean data this removes anything with probability
+        about `trim_alpha`, and only extreme points, which moves p-values by at most
+        :math:`r/n`.
+
+        References:
+            | Percentage Points for a Generalized ESD Many-Outlier Procedure (Rosner, 1983)
+            | https://doi.org/10.1080/00401706.1983.10487848
+        """
+
+        n = values.size
+        k = int(math.ceil(self.trim * n))
+        if self.log_pvalue and self.trim > 0 and k >= 1:
+            # The statistic is -log of a valid p-value, so P(T >= x) <= exp(-x): the tail is
+            # known, nothing to fit. The r-th largest is an outlier if even the largest of
+            # the n - r + 1 values left would reach it with probability below the level.
+            r = np.arange(1, k + 1)
+            q = np.exp(-np.maximum(values[n - k :][::-1], 0.0))
+            significant = -np.expm1((n - r + 1) * np.log1p(-np.minimum(q, 1.0))) < self.trim_alpha / k
+            return int(r[significant].max()) if significant.any() else 0
+        m = min(n - 1, max(self.min_tail, math.ceil(_TRIM_TAIL * n)) + k)
+        if self.trim <= 0 or m - k < self.min_tail:
+            return 0
+        threshold = values[n - m - 1]
+        observed = values[n - m : n - k] - threshold
+        censor = values[n - k] - threshold
+        if censor <= 0 or np.ptp(observed) <= 0:
+            return 0
+        # Tails of maxima (most residual statistics) are light, and a shape fitted to a few
+        # dozen points swings wildly; a heavier tail is believed only when the data demand
+        # it (likelihood ratio against the capped fit, 1 %). A cap of 0 says the tail is known
+        # to be exponential (a -log p-value's is) and is kept.
+        shape, scale, nll_capped = _censored_gpd(observed, censor, k, self.trim_max_shape)
+        if self.trim_max_shape > 0:
+            free = _censored_gpd(observed, censor, k)
+            if 2 * (nll_capped - free[2]) > stats.chi2.ppf(0.99, 1):
+                shape, scale = free[0], free[1]
+        y = values[n - k :][::-1] - threshold  # the r-th largest at index r - 1
+        x = y / scale
+        log_sf = -np.log1p(shape * x) / shape if shape > 1e-9 else -x
+        q = m / n * np.exp(log_sf)
+        r = np.arange(1, k + 1)
+        # the r-th largest as the largest of the n - r + 1 values left once those above it are out
+        significant = -np.expm1((n - r + 1) * np.log1p(-np.minimum(q, 1.0))) < self.trim_alpha / k
+        return int(r[significant].max()) if significant.any() else 0
 
     def _set(self, values: np.ndarray, threshold: float, shape: float, scale: float) -> None:
         self.values = values
@@ -199,6 +305,11 @@ class TailCalibrator:
         return {
             "tail_frac": self.tail_frac,
             "min_tail": self.min_tail,
+            "trim": self.trim,
+            "trim_alpha": self.trim_alpha,
+            "trim_max_shape": self.trim_max_shape,
+            "log_pvalue": self.log_pvalue,
+            "trimmed": self.trimmed,
             "values": self.values.copy(),
             "threshold": self.threshold,
             "shape": self.shape,
@@ -209,10 +320,44 @@ class TailCalibrator:
     def from_state(cls, state: dict) -> "TailCalibrator":
         r"""Rebuilds a calibrator from :meth:`state`."""
 
-        self = cls(tail_frac=float(state["tail_frac"]), min_tail=int(state["min_tail"]))
+        self = cls(tail_frac=float(state["tail_frac"]), min_tail=int(state["min_tail"]),
+                   trim=float(state.get("trim", 0.0)), trim_alpha=float(state.get("trim_alpha", 0.01)),
+                   trim_max_shape=float(state.get("trim_max_shape", 0.1)),
+                   log_pvalue=bool(state.get("log_pvalue", False)))
+        self.trimmed = int(state.get("trimmed", 0))
         values = np.asarray(state["values"], dtype=np.float64)
         self._set(values, float(state["threshold"]), float(state["shape"]), float(state["scale"]))
         return self
+
+
+# Rules whose p-value is valid as it stands when each statistic's p-value is: Bonferroni under
+# any dependence, Simes under positive dependence (PRDS; Sarkar 1998), which statistics of one
+# cutout have. They need no second calibration fold.
+_VALID_UNDER_DEPENDENCE = ("bonferroni", "simes")
+
+_TRIM_TAIL = 0.2
+_TRIMMED_MIN_SHAPE = 0.25
+
+
+def _censored_gpd(y: np.ndarray, censor: float, k: int, max_shape: float = 2.0) -> tuple[float, float, float]:
+    r"""Returns the maximum-likelihood GPD (shape in :math:`[0, ` `max_shape` :math:`]`, scale) of
+    exceedances `y` plus `k` more known only to exceed `censor`, and its negative log-likelihood."""
+
+    def nll(theta):
+        log_sigma, c = theta
+        sigma = math.exp(log_sigma)
+        if c < 1e-9:
+            return len(y) * log_sigma + (y.sum() + k * censor) / sigma
+        return (len(y) * log_sigma + (1 + 1 / c) * np.log1p(c * y / sigma).sum()
+                + k / c * math.log1p(c * censor / sigma))
+
+    sigma0 = (y.sum() + k * censor) / len(y)
+    best = optimize.minimize(nll, [math.log(sigma0), 0.1], method="L-BFGS-B",
+                             bounds=[(math.log(sigma0) - 10, math.log(sigma0) + 10), (0.0, max_shape)])
+    if not np.isfinite(best.fun):
+        return 0.0, float(sigma0), float(nll([math.log(sigma0), 0.0]))
+    log_sigma, c = best.x
+    return float(c), float(math.exp(log_sigma)), float(best.fun)
 
 
 # Combination rules. Each `_log_*` maps log p-values (m, k) to combined log p-values (m,),
@@ -516,7 +661,13 @@ class CombinedTest:
     itself conformalised so the final p-value is valid under any dependence between the
     statistics (which are always dependent: they are computed from the same cutout).
 
-    Combination rules (`"fisher"`, `"stouffer"`, `"simes"`, `"bonferroni"`, `"cauchy"`)
+    `"bonferroni"` and `"simes"` need no second stage: their p-value is valid as it stands
+    when each statistic's is (Bonferroni under any dependence; Simes under positive
+    dependence, Sarkar 1998), so every calibration object goes to the per-statistic
+    calibrators, which then resolve p-values twice as small. `two_stage=True` forces the
+    split for them too.
+
+    The other rules (`"fisher"`, `"stouffer"`, `"cauchy"`) assume independence, so they
     split the calibration statistics at random into two disjoint folds. Fold A (`split`
     of them) fits one :class:`TailCalibrator` per statistic; fold B gets p-values from
     those calibrators, combined into :math:`T = -\log p_\text{comb}`, and a last
@@ -542,6 +693,10 @@ class CombinedTest:
         split: The fraction of calibration objects in fold A.
         tail_frac: Passed to every :class:`TailCalibrator`.
         seed: Seeds the fold split and the DoSE mixture.
+        trim: Passed to every :class:`TailCalibrator`: the largest share of calibration
+            values removed as outliers (the anomalies a "normal" set holds).
+        two_stage: Conformalise the combined statistic on a second fold; by default only
+            for the rules that need it.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -553,7 +708,8 @@ class CombinedTest:
         True
     """
 
-    def __init__(self, method: str = "fisher", split: float = 0.5, tail_frac: float = 0.1, seed: int = 0) -> None:
+    def __init__(self, method: str = "fisher", split: float = 0.5, tail_frac: float = 0.1, seed: int = 0,
+                 trim: float = 0.05, two_stage: bool | None = None) -> None:
         if method not in COMBINERS and method != "dose":
             raise ValueError(f"CombinedTest: method={method!r}, expected one of {[*COMBINERS, 'dose']}")
         if not 0 < split < 1:
@@ -562,6 +718,8 @@ class CombinedTest:
         self.split = split
         self.tail_frac = tail_frac
         self.seed = seed
+        self.trim = trim
+        self.two_stage = method not in _VALID_UNDER_DEPENDENCE if two_stage is None else bool(two_stage)
 
     def fit(self, S_fit: np.ndarray | None, S_calib: np.ndarray, names: Sequence[str]) -> "CombinedTest":
         r"""Fits calibrators (and the DoSE density) to statistics of normal objects.
@@ -590,6 +748,9 @@ class CombinedTest:
                 raise ValueError(f"CombinedTest.fit: S_fit has shape {S_fit.shape}, expected (n, {len(names)})")
             self.joint = JointDensity(seed=self.seed).fit(S_fit)
             fold_a = fold_b = S_calib
+        elif not self.two_stage:
+            fold_a, fold_b = S_calib, None
+            self.joint = None
         else:
             n = S_calib.shape[0]
             n_a = round(self.split * n)
@@ -599,8 +760,15 @@ class CombinedTest:
             fold_a, fold_b = S_calib[perm[:n_a]], S_calib[perm[n_a:]]
             self.joint = None
 
-        self.calibrators = [TailCalibrator(self.tail_frac).fit(fold_a[:, j]) for j in range(len(names))]
-        self.combined = TailCalibrator(self.tail_frac).fit(self._statistic(fold_b, self._log_pvalues(fold_b)))
+        self.calibrators = [TailCalibrator(self.tail_frac, trim=self.trim).fit(fold_a[:, j]) for j in range(len(names))]
+        # A combined statistic T = -log p_comb of a normal object is close to Exp(1) in the tail,
+        # so its outlier test may assume an exponential tail; a DoSE -log density may not.
+        # Bonferroni's and Simes' p-values are valid as they stand, so for them the tail is
+        # even known: P(T >= x) <= exp(-x).
+        light = 0.0 if self.method != "dose" else 0.1
+        self.combined = None if fold_b is None else TailCalibrator(
+            self.tail_frac, trim=self.trim, trim_max_shape=light, log_pvalue=self.method in _VALID_UNDER_DEPENDENCE,
+        ).fit(self._statistic(fold_b, self._log_pvalues(fold_b)))
         return self
 
     def _log_pvalues(self, S: np.ndarray) -> np.ndarray:
@@ -635,7 +803,10 @@ class CombinedTest:
             raise ValueError(f"CombinedTest.pvalues: S has shape {S.shape}, expected (m, {len(self.names)}) for {self.names}")
 
         logP = self._log_pvalues(S)
-        log_p = self.combined.log_pvalues(self._statistic(S, logP))
+        if self.combined is None:  # the rule's own p-value, valid as it stands
+            log_p = np.minimum(_LOG_COMBINERS[self.method](logP), 0.0)
+        else:
+            log_p = self.combined.log_pvalues(self._statistic(S, logP))
 
         out = {f"p_{name}": np.exp(logP[:, j]) for j, name in enumerate(self.names)}
         out["p_value"] = np.exp(log_p)
@@ -650,9 +821,11 @@ class CombinedTest:
             "split": self.split,
             "tail_frac": self.tail_frac,
             "seed": self.seed,
+            "trim": self.trim,
+            "two_stage": self.two_stage,
             "names": list(self.names),
             "calibrators": [cal.state() for cal in self.calibrators],
-            "combined": self.combined.state(),
+            "combined": None if self.combined is None else self.combined.state(),
             "joint": None if self.joint is None else self.joint.state(),
         }
 
@@ -665,10 +838,12 @@ class CombinedTest:
             split=float(state["split"]),
             tail_frac=float(state["tail_frac"]),
             seed=int(state["seed"]),
+            trim=float(state.get("trim", 0.0)),
+            two_stage=bool(state.get("two_stage", True)),
         )
         self.names = [str(n) for n in state["names"]]
         self.calibrators = [TailCalibrator.from_state(s) for s in state["calibrators"]]
-        self.combined = TailCalibrator.from_state(state["combined"])
+        self.combined = None if state["combined"] is None else TailCalibrator.from_state(state["combined"])
         self.joint = None if state["joint"] is None else JointDensity.from_state(state["joint"])
         return self
 

@@ -8,6 +8,8 @@ runs on the device of its input.
 __all__ = [
     "reconstruction_residual",
     "peak_residual",
+    "local_residual",
+    "peak_of",
     "sharpness",
     "line_residual",
     "feature_residual",
@@ -24,6 +26,7 @@ __all__ = [
     "Mahalanobis",
 ]
 
+import functools
 import math
 
 from collections.abc import Sequence
@@ -88,10 +91,23 @@ def peak_residual(x: Tensor, x_hat: Tensor, mask: Tensor, window: int = 3, weigh
         tensor([0.0000, 0.3000])
     """
 
+    return peak_of(local_residual(x, x_hat, mask, window), weight)
+
+
+def local_residual(x: Tensor, x_hat: Tensor, mask: Tensor, window: int = 3) -> Tensor:
+    r"""Returns the mean squared residual over the valid pixels of each `window` x `window` box,
+    shape :math:`(N, B, H, W)`: the map :func:`peak_residual` maximises (computed once, it
+    serves several weightings through :func:`peak_of`)."""
+
     pad = window // 2
     r2 = F.avg_pool2d(mask * (x - x_hat).square(), window, 1, pad, count_include_pad=False)
     n = F.avg_pool2d(mask, window, 1, pad, count_include_pad=False)
-    local = r2 / n.clamp_min(1.0 / window**2)
+    return r2 / n.clamp_min(1.0 / window**2)
+
+
+def peak_of(local: Tensor, weight: Tensor | None = None) -> Tensor:
+    r"""Returns :func:`peak_residual` from a :func:`local_residual` map and optional position weights."""
+
     if weight is not None:
         local = local * weight.to(local)
     return (local.flatten(1).amax(1) + 1e-20).sqrt()  # finite gradient at 0
@@ -161,20 +177,45 @@ def line_residual(residual: Tensor, mask: Tensor, angles: int = 24, width: int =
         residual = F.avg_pool2d(residual, binning, ceil_mode=True) * binning / count.clamp_min(1e-6).sqrt() * count.gt(0)
         mask = count.gt(0).to(residual.dtype)
     N, B, H, W = residual.shape
-    phi = torch.arange(angles, device=residual.device, dtype=residual.dtype) * (math.pi / angles)
-    cos, sin, zero = phi.cos(), phi.sin(), torch.zeros_like(phi)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)  # (A, 2, 3)
-    both = torch.cat([residual, mask.to(residual.dtype)], dim=1)
+    both = torch.cat([residual, mask.to(residual.dtype)], dim=1)  # (N, 2B, H, W)
+    if H * W * angles * H <= _RADON_MATRIX_MAX:
+        # The transform is linear: one matrix product with its matrix (built once per shape by
+        # the same rotations, so identical up to rounding) instead of `angles` grid samples.
+        M = _radon_matrix(H, W, angles, width, str(residual.device), residual.dtype)
+        sums = (both.flatten(2) @ M).view(N, 2 * B, angles, H)
+        stat = sums[:, :B].abs() / sums[:, B:].clamp_min(1.0).sqrt()
+        return stat.flatten(1).amax(1)
     best = residual.new_full((N,), -math.inf)
     for a in range(angles):
-        grid = F.affine_grid(theta[a : a + 1].expand(N, 2, 3), [N, 2 * B, H, W], align_corners=False)
-        rotated = F.grid_sample(both, grid, align_corners=False)  # zeros outside the cutout
-        sums = rotated.sum(-1)  # (N, 2B, H): one row = one line
-        line = F.avg_pool1d(sums[:, :B], width, 1, width // 2) * width
-        count = F.avg_pool1d(sums[:, B:], width, 1, width // 2) * width
-        stat = line.abs() / count.clamp_min(1.0).sqrt()
+        sums = _rotated_line_sums(both, a, angles, width)  # (N, 2B, H): one row = one line
+        stat = sums[:, :B].abs() / sums[:, B:].clamp_min(1.0).sqrt()
         best = torch.maximum(best, stat.flatten(1).amax(1))
     return best
+
+
+_RADON_MATRIX_MAX = 1 << 25  # entries (128 MiB in float32): past that, rotate image by image
+
+
+def _rotated_line_sums(images: Tensor, a: int, angles: int, width: int) -> Tensor:
+    r"""Sums of `images` :math:`(N, C, H, W)` along bands `width` rows wide after rotating them by
+    angle number `a` of `angles` in :math:`[0, 180°)`: shape :math:`(N, C, H)`."""
+
+    N, C, H, W = images.shape
+    phi = torch.tensor(a * math.pi / angles, dtype=torch.float64)
+    c, s = float(phi.cos()), float(phi.sin())
+    theta = images.new_tensor([[c, -s, 0.0], [s, c, 0.0]])
+    grid = F.affine_grid(theta.expand(N, 2, 3), [N, C, H, W], align_corners=False)
+    rotated = F.grid_sample(images, grid, align_corners=False)  # zeros outside the cutout
+    return F.avg_pool1d(rotated.sum(-1), width, 1, width // 2) * width
+
+
+@functools.lru_cache(maxsize=8)
+def _radon_matrix(H: int, W: int, angles: int, width: int, device: str, dtype: torch.dtype) -> Tensor:
+    r"""The matrix :math:`(H W, A H)` of :func:`line_residual`'s transform, column `a·H + row`."""
+
+    basis = torch.eye(H * W, dtype=torch.float64).view(H * W, 1, H, W)
+    cols = [_rotated_line_sums(basis, a, angles, width)[:, 0] for a in range(angles)]  # each (HW, H)
+    return torch.cat(cols, dim=1).to(device=device, dtype=dtype)
 
 
 def feature_residual(features: Sequence[Tensor], features_hat: Sequence[Tensor]) -> Tensor:

@@ -143,14 +143,15 @@ def test_promotion_refuses_worse_challenger_and_promotes_better(train_store, val
 
     name = "promo"
     valid = _copy(valid_store, tmp_path, "v.zarr")
-    # a modest first champion
-    v1 = train_flow(train_store, name, TINY_MODEL | {"epochs": 1}, sdict)["version"]
+    # a modest first champion: one epoch, and blind to all but sharp (cosmic-ray-like) residuals
+    modest = TINY_MODEL | {"epochs": 1, "statistics": ("sharpness",)}
+    v1 = train_flow(train_store, name, modest, sdict)["version"]
     r1 = promote_flow(name, valid, sdict)
     assert r1["decision"] == "promoted" and tracking.get_alias_version(name, "champion") == v1
     # a worse challenger: "normal" learnt from a survey of anomalies
     bad_store = str(tmp_path / "bad.zarr")
     simulate_survey(320, settings=settings, seed=5, anomaly_frac=1.0, store=bad_store, workers=2)
-    v2 = train_flow(bad_store, name, TINY_MODEL | {"epochs": 1}, sdict)["version"]
+    v2 = train_flow(bad_store, name, modest, sdict)["version"]
     r2 = promote_flow(name, valid, sdict)
     assert r2["decision"] == "refused", r2
     assert tracking.get_alias_version(name, "champion") == v1

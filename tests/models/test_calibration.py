@@ -184,13 +184,31 @@ def fit_test(method: str, rng: np.random.Generator, n_fit: int = 800, n_calib: i
     return CombinedTest(method).fit(S_fit, dependent_statistics(rng, n_calib), NAMES)
 
 
+def fit_two_stage(method: str, rng: np.random.Generator) -> CombinedTest:
+    return CombinedTest(method, two_stage=True).fit(dependent_statistics(rng, 800), dependent_statistics(rng, 600), NAMES)
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_combined_pvalue_is_uniform_under_null_with_dependent_statistics(method):
+def test_two_stage_combined_pvalue_is_uniform_under_null_with_dependent_statistics(method):
     def draw(rng):
-        return fit_test(method, rng).pvalues(dependent_statistics(rng, 100))["p_value"]
+        return fit_two_stage(method, rng).pvalues(dependent_statistics(rng, 100))["p_value"]
 
     p = pooled_null_pvalues(draw, reps=6 if method == "dose" else 15)
     assert stats.kstest(p, "uniform").pvalue > 0.01
+
+
+@pytest.mark.parametrize("method", ["simes", "bonferroni"])
+def test_single_stage_simes_and_bonferroni_are_valid_under_positive_dependence(method):
+    # By default they skip the second fold: their p-value is super-uniform as it stands,
+    # P(p <= a) <= a, never anti-conservative (one-sided KS), and uses all calibration objects.
+    def draw(rng):
+        return fit_test(method, rng).pvalues(dependent_statistics(rng, 100))["p_value"]
+
+    assert CombinedTest(method).two_stage is False
+    p = pooled_null_pvalues(draw, reps=15)
+    assert stats.kstest(p, "uniform", alternative="greater").pvalue > 0.01
+    for a in (0.01, 0.05, 0.2):
+        assert (p <= a).mean() <= a + 3 * np.sqrt(a * (1 - a) / p.size)
 
 
 @pytest.mark.parametrize("method", ["fisher", "dose"])  # the two ways fold A is chosen
@@ -338,3 +356,54 @@ def test_bh_controls_fdr_on_simulated_mixtures():
         fdp.append(reject[: m - m1].sum() / max(reject.sum(), 1))
     # E[FDP] = alpha * m0 / m = 0.09 for independent p-values; 0.005 is ~3 standard errors.
     assert np.mean(fdp) <= alpha * (m - m1) / m + 0.005
+
+
+@pytest.mark.parametrize("draw", [lambda r, n: r.normal(size=n), lambda r, n: r.gamma(2.0, size=n),
+                                  lambda r, n: r.exponential(size=n)], ids=["normal", "gamma", "exponential"])
+def test_trimming_rarely_touches_clean_calibration_sets(draw):
+    rng = np.random.default_rng(1)
+    trimmed = [TailCalibrator().fit(draw(rng, 226)).trimmed for _ in range(100)]
+    assert np.mean(np.array(trimmed) > 0) <= 0.1
+    assert max(trimmed) <= 3
+
+
+def test_trimming_removes_contaminants_so_anomalies_get_small_pvalues():
+    rng = np.random.default_rng(2)
+    normal = rng.normal(size=500)
+    calib = np.concatenate([normal, rng.uniform(20, 30, size=5)])  # 1 % anomalies among the "normals"
+    cal = TailCalibrator().fit(calib)
+    assert cal.trimmed >= 5 and cal.values.max() <= normal.max()
+    assert cal.pvalues(np.array([6.0]))[0] < 1 / 501  # with them left in, p >= 5/506
+    untrimmed = TailCalibrator(trim=0.0).fit(calib)
+    assert untrimmed.pvalues(np.array([6.0]))[0] >= 5 / 506
+    # and fresh normal objects keep valid p-values
+    p = cal.pvalues(rng.normal(size=20000))
+    assert (p <= 0.01).mean() < 0.015
+
+
+def test_contaminated_calibration_still_yields_a_false_discovery_controlled_list():
+    # Real "normal" sets hold ~1 % anomalies. Without trimming, those in the calibration folds
+    # set the top of every calibrator and no anomaly can reach BH's threshold.
+    rng = np.random.default_rng(5)
+    k = 4
+
+    def normals(n):
+        shared = rng.normal(size=(n, 1))
+        return np.exp(0.5 * shared + rng.normal(size=(n, k)))  # dependent, skewed statistics
+
+    def anomalies(n, shift):
+        s = normals(n)
+        s[np.arange(n), rng.integers(0, k, n)] *= shift  # each anomaly strong in one statistic
+        return s
+
+    calib = np.concatenate([normals(495), anomalies(5, 1e3)])
+    test = np.concatenate([normals(2700), anomalies(300, 60.0)])
+    truth = np.r_[np.zeros(2700), np.ones(300)].astype(bool)
+    found = {}
+    for trim in (0.0, 0.05):
+        p = CombinedTest("simes", trim=trim).fit(None, calib, list("abcd")).pvalues(test)["p_value"]
+        hits = bh_qvalues(p) <= 0.1
+        found[trim] = hits.sum()
+        if hits.any():
+            assert (hits & ~truth).sum() / hits.sum() <= 0.15  # realised FDR near or below 0.1
+    assert found[0.0] < 60 and found[0.05] > 120

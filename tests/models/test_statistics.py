@@ -193,3 +193,20 @@ def test_noise_corrected_asymmetry_is_near_zero_for_noise_and_symmetric_objects(
     lopsided = noisy.clone()
     lopsided[:, 20:23, 20:23] += 30
     assert (asymmetry(lopsided, 10.0, noise=1.0) > a + 0.03).all()
+
+
+def test_line_residual_matrix_equals_rotating_each_image():
+    import gsafe_models.statistics as st
+
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(6, 2, 24, 20, generator=g)
+    mask = (torch.rand(r.shape, generator=g) > 0.1).to(r)
+    r[2, 1, :, 7] += 1.5  # a trail
+    fast = st.line_residual(r * mask, mask)
+    old, st._RADON_MATRIX_MAX = st._RADON_MATRIX_MAX, 0
+    try:
+        slow = st.line_residual(r * mask, mask)
+    finally:
+        st._RADON_MATRIX_MAX = old
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    assert int(fast.argmax()) == 2
