@@ -539,6 +539,11 @@ class Detector:
         bundle.surrogate_scale = torch.as_tensor(np.maximum(q75 - q25, 1e-12) / 1.349, dtype=torch.float64, device=device)
 
         diagnostics = _crossfit_check(S_train, S_calib, names, config)
+        # calibration values left out as outliers (anomalies among the "normal" objects)
+        for name, cal in zip(names, test.calibrators):
+            diagnostics[f"calibration_trimmed_{name}"] = cal.trimmed
+        if test.combined is not None:
+            diagnostics["calibration_trimmed_combined"] = test.combined.trimmed
         return cls(config, bundle, test, bands, [], diagnostics)
 
     # Scoring

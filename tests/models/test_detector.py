@@ -59,6 +59,9 @@ def test_attributes_describe_the_detector(detector):
     assert detector.statistic_names == list(STATISTICS)
     assert detector.history and "train_loss" in detector.history[0]
     assert 0 <= detector.diagnostics["calibration_ks"] <= 1
+    # the fixture's calibration set is clean: the outlier test should leave (almost) all of it
+    trimmed = [detector.diagnostics[f"calibration_trimmed_{n}"] for n in detector.statistic_names]
+    assert sum(trimmed) <= 2, trimmed
 
 
 def test_encode_reconstruct_and_impute_shapes(detector, survey):
