@@ -157,7 +157,7 @@ class TailCalibrator:
             # The outlier test assumed a light tail; if it cut normal values too, a light
             # tail fitted to the rest would make the most extreme normal objects look like
             # discoveries. Extrapolate no lighter than this shape (conservative).
-            shape, scale = _TRIMMED_MIN_SHAPE, self._scale_given_shape(values, threshold, _TRIMMED_MIN_SHAPE)
+            shape, scale = _TRIMMED_MIN_SHAPE, self._scale_given_shape(values, threshold, _TRIMMED_MIN_SHAPE, scale)
         self._set(values, threshold, shape, scale)
         return self
 
@@ -187,12 +187,14 @@ class TailCalibrator:
             scale = spread / n if spread > 0 else max(abs(float(values[-1])), 1.0)
         return float(threshold), shape, scale, max(m, 1)
 
-    def _scale_given_shape(self, values: np.ndarray, threshold: float, shape: float) -> float:
-        r"""Returns the maximum-likelihood GPD scale of the exceedances over `threshold` at `shape`."""
+    @staticmethod
+    def _scale_given_shape(values: np.ndarray, threshold: float, shape: float, default: float) -> float:
+        r"""Returns the maximum-likelihood GPD scale of the exceedances over `threshold` at `shape`
+        (`default` if there are none)."""
 
         y = values[values > threshold] - threshold
-        if y.size == 0 or not np.ptp(np.r_[0.0, y]) > 0:
-            return self.scale if getattr(self, "scale", 0) > 0 else 1.0
+        if y.size == 0:
+            return default
         res = optimize.minimize_scalar(
             lambda ls: y.size * ls + (1 + 1 / shape) * np.log1p(shape * y / math.exp(ls)).sum(),
             bounds=(math.log(y.mean()) - 10, math.log(y.mean()) + 5), method="bounded")
@@ -227,38 +229,35 @@ class TailCalibrator:
 
         n = values.size
         k = int(math.ceil(self.trim * n))
-        if self.log_pvalue and self.trim > 0 and k >= 1:
-            # The statistic is -log of a valid p-value, so P(T >= x) <= exp(-x): the tail is
-            # known, nothing to fit. The r-th largest is an outlier if even the largest of
-            # the n - r + 1 values left would reach it with probability below the level.
-            r = np.arange(1, k + 1)
-            q = np.exp(-np.maximum(values[n - k :][::-1], 0.0))
-            significant = -np.expm1((n - r + 1) * np.log1p(-np.minimum(q, 1.0))) < self.trim_alpha / k
-            return int(r[significant].max()) if significant.any() else 0
-        m = min(n - 1, max(self.min_tail, math.ceil(_TRIM_TAIL * n)) + k)
-        if self.trim <= 0 or m - k < self.min_tail:
+        if self.trim <= 0 or k < 1:
             return 0
-        threshold = values[n - m - 1]
-        observed = values[n - m : n - k] - threshold
-        censor = values[n - k] - threshold
-        if censor <= 0 or np.ptp(observed) <= 0:
-            return 0
-        # Tails of maxima (most residual statistics) are light, and a shape fitted to a few
-        # dozen points swings wildly; a heavier tail is believed only when the data demand
-        # it (likelihood ratio against the capped fit, 1 %). A cap of 0 says the tail is known
-        # to be exponential (a -log p-value's is) and is kept.
-        shape, scale, nll_capped = _censored_gpd(observed, censor, k, self.trim_max_shape)
-        if self.trim_max_shape > 0:
-            free = _censored_gpd(observed, censor, k)
-            if 2 * (nll_capped - free[2]) > stats.chi2.ppf(0.99, 1):
-                shape, scale = free[0], free[1]
-        y = values[n - k :][::-1] - threshold  # the r-th largest at index r - 1
-        x = y / scale
-        log_sf = -np.log1p(shape * x) / shape if shape > 1e-9 else -x
-        q = m / n * np.exp(log_sf)
-        r = np.arange(1, k + 1)
+        top = values[n - k :][::-1]  # the r-th largest at index r - 1
+        if self.log_pvalue:
+            # -log of a valid p-value: P(T >= x) <= exp(-x), the tail is known, nothing to fit
+            log_q = -np.maximum(top, 0.0)
+        else:
+            m = min(n - 1, max(self.min_tail, math.ceil(_TRIM_TAIL * n)) + k)
+            if m - k < self.min_tail:
+                return 0
+            threshold = values[n - m - 1]
+            observed = values[n - m : n - k] - threshold
+            censor = values[n - k] - threshold
+            if censor <= 0 or np.ptp(observed) <= 0:
+                return 0
+            # Tails of maxima (most residual statistics) are light, and a shape fitted to a few
+            # dozen points swings wildly; a heavier tail is believed only when the data demand
+            # it (likelihood ratio against the capped fit, 1 %). A cap of 0 says the tail is
+            # known to be exponential (a -log p-value's is) and is kept.
+            shape, scale, nll_capped = _censored_gpd(observed, censor, k, self.trim_max_shape)
+            if self.trim_max_shape > 0:
+                free = _censored_gpd(observed, censor, k)
+                if 2 * (nll_capped - free[2]) > stats.chi2.ppf(0.99, 1):
+                    shape, scale = free[0], free[1]
+            x = (top - threshold) / scale
+            log_q = math.log(m / n) + (-np.log1p(shape * x) / shape if shape > 1e-9 else -x)
         # the r-th largest as the largest of the n - r + 1 values left once those above it are out
-        significant = -np.expm1((n - r + 1) * np.log1p(-np.minimum(q, 1.0))) < self.trim_alpha / k
+        r = np.arange(1, k + 1)
+        significant = -np.expm1((n - r + 1) * np.log1p(-np.minimum(np.exp(log_q), 1.0))) < self.trim_alpha / k
         return int(r[significant].max()) if significant.any() else 0
 
     def _set(self, values: np.ndarray, threshold: float, shape: float, scale: float) -> None:
