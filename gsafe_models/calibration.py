@@ -152,7 +152,7 @@ class TailCalibrator:
         values = np.sort(_check_calib(calib, "TailCalibrator.fit"))
         self.trimmed = self._outliers(values)
         values = values[: values.size - self.trimmed]
-        threshold, shape, scale, _ = self._fit_tail(values)
+        threshold, shape, scale = self._fit_tail(values)
         if self.trimmed and shape < _TRIMMED_MIN_SHAPE:
             # The outlier test assumed a light tail; if it cut normal values too, a light
             # tail fitted to the rest would make the most extreme normal objects look like
@@ -161,9 +161,8 @@ class TailCalibrator:
         self._set(values, threshold, shape, scale)
         return self
 
-    def _fit_tail(self, values: np.ndarray) -> tuple[float, float, float, int]:
-        r"""Returns (threshold, shape, scale, number of exceedances) of the GPD fitted to the
-        upper tail of sorted `values`."""
+    def _fit_tail(self, values: np.ndarray) -> tuple[float, float, float]:
+        r"""Returns (threshold, shape, scale) of the GPD fitted to the upper tail of sorted `values`."""
 
         n = values.size
         m = min(n - 1, max(self.min_tail, math.ceil(self.tail_frac * n)))
@@ -185,7 +184,7 @@ class TailCalibrator:
         if not scale > 0:  # all exceedances tied: any positive scale keeps p decreasing
             spread = float(values[-1] - values[0])
             scale = spread / n if spread > 0 else max(abs(float(values[-1])), 1.0)
-        return float(threshold), shape, scale, max(m, 1)
+        return float(threshold), shape, scale
 
     @staticmethod
     def _scale_given_shape(values: np.ndarray, threshold: float, shape: float, default: float) -> float:
