@@ -118,7 +118,7 @@ class TailCalibrator:
             keeps them all.
         trim_alpha: The family-wise level of the outlier test on clean data.
         trim_max_shape: The heaviest GPD tail the outlier test assumes unless the data
-            demand more; 0 for statistics with an exponential tail.
+            demand more (likelihood ratio, 1 %); 0: exponential, as maxima and -log p have.
         log_pvalue: The statistic is :math:`-\log` of a valid p-value (its tail is known).
 
     Example:
@@ -129,7 +129,7 @@ class TailCalibrator:
     """
 
     def __init__(self, tail_frac: float = 0.1, min_tail: int = 10, trim: float = 0.05, trim_alpha: float = 0.01,
-                 trim_max_shape: float = 0.1, log_pvalue: bool = False) -> None:
+                 trim_max_shape: float = 0.0, log_pvalue: bool = False) -> None:
         if not 0 < tail_frac <= 1:
             raise ValueError(f"TailCalibrator: tail_frac={tail_frac} must be in (0, 1]")
         if not 0 <= trim < 0.5 or not 0 < trim_alpha < 1:
@@ -210,8 +210,8 @@ class TailCalibrator:
         The test: a GPD is fitted by maximum likelihood to the exceedances over the upper
         20 % quantile with the top :math:`k` = `trim` :math:`\cdot n` values *censored*
         (only known to lie above the :math:`k`-th largest), so contaminants cannot bend the
-        fit; its shape is capped at `trim_max_shape` unless a likelihood-ratio test (1 %)
-        asks for a heavier tail. With `log_pvalue` the tail is known instead,
+        fit; its shape is capped at `trim_max_shape` (exponential) unless a likelihood-ratio
+        test (1 %) asks for a heavier tail. With `log_pvalue` the tail is known instead,
         :math:`P(T \geq x) \leq e^{-x}`. Under it, the :math:`r`-th largest value has tail probability
         :math:`q_r`, and :math:`1 - (1 - q_r)^{n - r + 1}` is the chance that the largest of the
         :math:`n - r + 1` values left, once those above it are out, reaches that far; the
@@ -243,15 +243,13 @@ class TailCalibrator:
             censor = values[n - k] - threshold
             if censor <= 0 or np.ptp(observed) <= 0:
                 return 0
-            # Tails of maxima (most residual statistics) are light, and a shape fitted to a few
-            # dozen points swings wildly; a heavier tail is believed only when the data demand
-            # it (likelihood ratio against the capped fit, 1 %). A cap of 0 says the tail is
-            # known to be exponential (a -log p-value's is) and is kept.
+            # Tails of maxima (most residual statistics) and of -log p-values are exponential,
+            # and a shape fitted to a few dozen points swings wildly; a heavier tail is believed
+            # only when the data demand it (likelihood ratio against the capped fit, 1 %).
             shape, scale, nll_capped = _censored_gpd(observed, censor, k, self.trim_max_shape)
-            if self.trim_max_shape > 0:
-                free = _censored_gpd(observed, censor, k)
-                if 2 * (nll_capped - free[2]) > stats.chi2.ppf(0.99, 1):
-                    shape, scale = free[0], free[1]
+            free = _censored_gpd(observed, censor, k)
+            if 2 * (nll_capped - free[2]) > stats.chi2.ppf(0.99, 1):
+                shape, scale = free[0], free[1]
             x = (top - threshold) / scale
             log_q = math.log(m / n) + (-np.log1p(shape * x) / shape if shape > 1e-9 else -x)
         # the r-th largest as the largest of the n - r + 1 values left once those above it are out
@@ -262,10 +260,13 @@ class TailCalibrator:
     def _set(self, values: np.ndarray, threshold: float, shape: float, scale: float) -> None:
         self.values = values
         self.threshold, self.shape, self.scale = threshold, shape, scale
-        n = values.size
+        # The trimmed values still count as calibration objects above every kept one: inside
+        # the kept range the p-value is the untrimmed conformal one (valid whatever the outlier
+        # test decided); trimming only changes the tail model beyond it, anchored at (1 + r)/(n + 1).
+        n, r = values.size, self.trimmed
         self._xp = np.unique(values)
-        self._fp = (1 + n - np.searchsorted(values, self._xp, side="left")) / (n + 1)
-        self._log_tail0 = -math.log(n + 1) - self._gpd_logsf(values[-1] - threshold)
+        self._fp = (1 + r + n - np.searchsorted(values, self._xp, side="left")) / (n + r + 1)
+        self._log_tail0 = math.log((1 + r) / (n + r + 1)) - self._gpd_logsf(values[-1] - threshold)
 
     def _gpd_logsf(self, x: np.ndarray) -> np.ndarray:
         if self.shape > 0:
@@ -320,7 +321,7 @@ class TailCalibrator:
 
         self = cls(tail_frac=float(state["tail_frac"]), min_tail=int(state["min_tail"]),
                    trim=float(state.get("trim", 0.0)), trim_alpha=float(state.get("trim_alpha", 0.01)),
-                   trim_max_shape=float(state.get("trim_max_shape", 0.1)),
+                   trim_max_shape=float(state.get("trim_max_shape", 0.0)),
                    log_pvalue=bool(state.get("log_pvalue", False)))
         self.trimmed = int(state.get("trimmed", 0))
         values = np.asarray(state["values"], dtype=np.float64)
@@ -759,13 +760,10 @@ class CombinedTest:
             self.joint = None
 
         self.calibrators = [TailCalibrator(self.tail_frac, trim=self.trim).fit(fold_a[:, j]) for j in range(len(names))]
-        # A combined statistic T = -log p_comb of a normal object is close to Exp(1) in the tail,
-        # so its outlier test may assume an exponential tail; a DoSE -log density may not.
-        # Bonferroni's and Simes' p-values are valid as they stand, so for them the tail is
-        # even known: P(T >= x) <= exp(-x).
-        light = 0.0 if self.method != "dose" else 0.1
+        # Bonferroni's and Simes' p-values are valid as they stand, so for them the tail of
+        # T = -log p_comb is even known: P(T >= x) <= exp(-x).
         self.combined = None if fold_b is None else TailCalibrator(
-            self.tail_frac, trim=self.trim, trim_max_shape=light, log_pvalue=self.method in _VALID_UNDER_DEPENDENCE,
+            self.tail_frac, trim=self.trim, log_pvalue=self.method in _VALID_UNDER_DEPENDENCE,
         ).fit(self._statistic(fold_b, self._log_pvalues(fold_b)))
         return self
 
