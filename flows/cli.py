@@ -262,7 +262,9 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="where the sur
     typer.echo("\ndetection of the injected anomalies (all objects):")
     for c, m in r["per_class"].items():
         typer.echo(f"  {c:16s} n={m['n']:5d}  AUROC {m['auroc']:.3f}  AP {m['ap']:.3f}")
-    typer.echo(f"\nscores → {r['scores_csv']}; gallery → {r['report']['index']}")
+    f = r["fdr"]
+    typer.echo(f"\nfalse-discovery list at q ≤ 0.1: {f['listed']} objects, {f['false']} of them not injected anomalies")
+    typer.echo(f"scores → {r['scores_csv']}; gallery → {r['report']['index']}")
     typer.echo(f"demo: AUROC {r['per_class']['all']['auroc']:.3f} in {time.perf_counter() - t0:.0f} s")
 
 

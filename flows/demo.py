@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from prefect import flow
 
 from flows.explain import explain_flow
@@ -37,7 +39,10 @@ def demo_flow(out: str, settings: dict, n: int = 4000, anomaly_frac: float = 0.0
     df = read_scores(store, table)
     df.to_csv(outdir / "scores.csv", index=False)
     cat = store.read_catalog(["label", "anomaly_class"])
-    rep = per_class_report(table.read(["score"])["score"], cat["label"], cat["anomaly_class"])
+    cols = table.read(["score", "q_value"])
+    rep = per_class_report(cols["score"], cat["label"], cat["anomaly_class"])
+    listed = cols["q_value"] <= 0.1
+    fdr = {"listed": int(listed.sum()), "false": int((listed & (np.asarray(cat["label"]) == 0)).sum())}
     report = explain_flow(store_url, model, version, top_k, str(outdir / "report"), settings)
-    return {"ingest": ingest, "model": f"{model}/{version}", "metrics": trained["metrics"], "per_class": rep,
+    return {"ingest": ingest, "model": f"{model}/{version}", "metrics": trained["metrics"], "per_class": rep, "fdr": fdr,
             "top": df.head(10), "scores_csv": str(outdir / "scores.csv"), "report": report}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -44,6 +46,11 @@ def test_demo_runs_end_to_end_and_prints_auroc(settings, tmp_path):
                                  "--home", str(settings.home)])
     assert r.exit_code == 0, r.output
     assert "demo: AUROC" in r.output
+    m = re.search(r"at q ≤ 0.1: (\d+) objects, (\d+) of them not injected", r.output)
+    assert m, r.output
+    listed, false = map(int, m.groups())
+    scores = pd.read_csv(out / "scores.csv")
+    assert listed == int((scores["q_value"] <= 0.1).sum()) and false <= listed
     assert (out / "scores.csv").exists() and (out / "report" / "index.html").exists()
 
 
