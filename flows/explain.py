@@ -17,7 +17,10 @@ __all__ = ["explain_flow"]
 
 @flow(name="explain", log_prints=False)
 def explain_flow(store_url: str, name: str, version: int, top_k: int, out: str, settings: dict,
-                 method: str = "integrated_gradients", rows: list[int] | None = None) -> dict:
+                 method: str = "integrated_gradients", rows: list[int] | None = None,
+                 notices: list[str] | None = None) -> dict:
+    """The gallery of the top-k objects of campaign `name`/`version` (or of `rows`), with `notices`
+    (plain-text lines, e.g. a drift alarm) in a banner above it; logged to the store's experiment."""
     import mlflow
 
     s = Settings(**settings)
@@ -26,7 +29,7 @@ def explain_flow(store_url: str, name: str, version: int, top_k: int, out: str, 
     store.score_table(name, version)       # clear error if the campaign has not run
     rows = list(rows) if rows is not None else [int(r) for r in top_rows(store, name, version, top_k)]
     payload = load_payload_task(name, version)
-    r = explain_rows_task(store_url, name, version, rows, payload, out, method)
+    r = explain_rows_task(store_url, name, version, rows, payload, out, method, notices=notices)
     exp = tracking.experiment_for_store(store_url, s)
     with mlflow.start_run(experiment_id=exp, run_name=f"explain-{name}-{version}",
                           tags={"gsafe.model": name, "gsafe.version": str(version), "gsafe.method": method}):

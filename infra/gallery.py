@@ -10,7 +10,8 @@
     candidates.parquet    the same table
     attributions.npz      the attribution maps, keyed by object id
 
-Object ids come from users' FITS headers: every one is HTML-escaped in the page and sanitized
+Object ids come from users' FITS headers: the page is rendered from Jinja2 templates (`infra/templates/`)
+with autoescape, so every one is HTML-escaped, and each is sanitized
 before it names a file.
 """
 
@@ -18,14 +19,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import io
 import math
 import re
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
+
+import jinja2
 
 import matplotlib
 
@@ -37,7 +40,8 @@ import numpy as np
 import pandas as pd
 from astropy.visualization import make_lupton_rgb
 
-__all__ = ["Card", "write_gallery", "composite", "safe_filename"]
+__all__ = ["Card", "write_gallery", "composite", "safe_filename", "panels", "png", "data_uri", "card_view",
+           "panel_captions", "template_environment"]
 
 # Effective wavelengths (nm) of common optical/NIR bands, to build a red-green-blue composite
 # from the three reddest distinct bands when i, r, g are not all there.
@@ -182,14 +186,14 @@ def _overlay(image: np.ndarray, attribution: np.ndarray) -> np.ndarray:
     return (np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
-def _png(rgb: np.ndarray) -> bytes:
+def png(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     mpimg.imsave(buffer, rgb, format="png", origin="lower")  # astronomical convention: row 0 at the bottom
     return buffer.getvalue()
 
 
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def data_uri(payload: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(payload).decode("ascii")
 
 
 def _fig_png(fig) -> bytes:
@@ -211,7 +215,9 @@ def _fmt(value, kind: str = "g") -> str:
     return f"{value:.5f}" if kind == "deg" else f"{value:.3g}"
 
 
-def _panels(card: Card) -> dict[str, np.ndarray]:
+def panels(card: Card) -> dict[str, np.ndarray]:
+    """The four panels of a card as ``(H, W, 3)`` uint8 images: colour composite, reconstruction (on
+    the cutout's scale), band-summed residual, attribution over the cutout."""
     bands = tuple(card.bands)
     return {
         "colour": composite(card.image, bands),
@@ -343,130 +349,59 @@ def _write_npz(path: Path, maps: dict[str, np.ndarray]) -> None:
             archive.writestr(f"{key}.npy", buffer.getvalue())
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
-header{background:#1d2330;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}header p{margin:4px 0 0;color:#b9c0cc;font-size:13px}
-main{padding:16px 24px}h2{font-size:16px;margin:18px 0 8px}
-.overview{display:flex;flex-wrap:wrap;gap:16px}.overview figure{margin:0;background:#fff;padding:8px;border-radius:6px;box-shadow:0 1px 3px #0002}
-.overview img{max-width:100%;height:auto;max-height:360px}
-table{border-collapse:collapse;background:#fff;font-size:13px;box-shadow:0 1px 3px #0002}
-th,td{padding:4px 10px;border-bottom:1px solid #e3e6eb;text-align:right;white-space:nowrap}
-td.id,th.id{text-align:left;max-width:260px;overflow:hidden;text-overflow:ellipsis}
-th{cursor:pointer;user-select:none;background:#e9ecf1;position:sticky;top:0}
-th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
-tbody tr:hover{background:#f0f4ff}a{color:#2757c7}
-.cards{display:flex;flex-wrap:wrap;gap:14px;margin-top:8px}
-.card{box-sizing:border-box;background:#fff;border-radius:8px;box-shadow:0 1px 4px #0003;padding:10px 12px;width:610px}
-.card h3{margin:0 0 4px;font-size:15px;word-break:break-all}.card .meta{font-size:12px;color:#4a5263;margin-bottom:6px}
-.panels{display:flex;gap:6px}.panels figure{margin:0;text-align:center;font-size:11px;color:#4a5263}
-.panels img,.neighbours img{width:140px;height:140px;image-rendering:pixelated;display:block;border-radius:3px}
-.neighbours{display:flex;gap:6px;margin-top:6px}.neighbours img{width:64px;height:64px}
-.neighbours figure{margin:0;font-size:10px;max-width:64px;overflow:hidden;text-overflow:ellipsis}
-dl.stats{display:grid;grid-template-columns:max-content max-content max-content max-content;gap:2px 12px;font-size:12px;margin:6px 0 0}
-dl.stats dt{color:#4a5263}dl.stats dd{margin:0;font-variant-numeric:tabular-nums}
-.tag{display:inline-block;background:#eef1f7;border-radius:3px;padding:0 5px;margin-left:6px;font-size:11px}
-"""
-
-# Sorts the table by a clicked header (numbers by value, NaN last) and puts the cards in the same order.
-_JS = """
-(function () {
-  var table = document.getElementById('candidates');
-  var cards = document.getElementById('cards');
-  var headers = table.tHead.rows[0].cells;
-  function key(cell, numeric) {
-    var v = cell.getAttribute('data-value');
-    if (!numeric) { return v || ''; }
-    var f = parseFloat(v);
-    return isNaN(f) ? Infinity : f;
-  }
-  function sortBy(col, ascending) {
-    var numeric = headers[col].getAttribute('data-type') === 'num';
-    var body = table.tBodies[0];
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = key(a.cells[col], numeric), y = key(b.cells[col], numeric);
-      if (x === y) { return 0; }
-      if (numeric && x === Infinity) { return 1; }
-      if (numeric && y === Infinity) { return -1; }
-      return (x < y ? -1 : 1) * (ascending ? 1 : -1);
-    });
-    rows.forEach(function (row) {
-      body.appendChild(row);
-      var card = document.getElementById(row.getAttribute('data-card'));
-      if (card) { cards.appendChild(card); }
-    });
-    for (var i = 0; i < headers.length; i++) { headers[i].removeAttribute('aria-sort'); }
-    headers[col].setAttribute('aria-sort', ascending ? 'ascending' : 'descending');
-  }
-  Array.prototype.forEach.call(headers, function (th, col) {
-    th.addEventListener('click', function () {
-      sortBy(col, th.getAttribute('aria-sort') !== 'ascending');
-    });
-  });
-  for (var i = 0; i < headers.length; i++) {
-    if (headers[i].getAttribute('data-key') === 'q_value') { sortBy(i, true); }
-  }
-  document.body.setAttribute('data-ready', String(cards.querySelectorAll('.card').length));
-})();
-"""
+_TEMPLATES = Path(__file__).parent / "templates"
 
 
-def _e(value) -> str:
-    return html.escape(str(value), quote=True)
+@lru_cache(maxsize=None)
+def template_environment(*extra_dirs: str) -> jinja2.Environment:
+    """The Jinja2 environment of gsafe's pages: autoescape on for every template, so an object id
+    from a FITS header can never become markup. ``extra_dirs`` are searched first (the review app's
+    templates), then ``infra/templates`` (the gallery page and its card macro)."""
+    loader = jinja2.FileSystemLoader([*extra_dirs, str(_TEMPLATES)])
+    return jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined,
+                              trim_blocks=False, lstrip_blocks=False)
 
 
-def _card_html(card: Card, rank: int, panels: dict[str, np.ndarray]) -> str:
-    captions = [_rgb_caption(tuple(card.bands), np.asarray(card.image).shape[0]), "reconstruction", "residual", card.method]
-    figures = "".join(
-        f'<figure><img alt="{_e(caption)}" src="{_data_uri(_png(rgb))}"><figcaption>{_e(caption)}</figcaption></figure>'
-        for caption, rgb in zip(captions, panels.values())
-    )
-    stats = "".join(f"<dt>{_e(name)}</dt><dd>{_e(_fmt(value))}</dd>" for name, value in card.statistics.items())
-    tags = "".join(
-        f'<span class="tag">{_e(kind)}: {_e(value)}</span>'
-        for kind, value in (("class", card.anomaly_class), ("label", card.label))
-        if value is not None and str(value) != ""
-    )
-    neighbours = ""
-    if card.neighbours:
-        neighbours = '<div class="neighbours">' + "".join(
-            f'<figure title="{_e(nb_id)}"><img alt="neighbour {_e(nb_id)}" '
-            f'src="{_data_uri(_png(composite(nb_image, tuple(card.bands))))}">{_e(nb_id)}</figure>'
-            for nb_id, nb_image in card.neighbours
-        ) + "</div>"
-    return (
-        f'<article class="card" id="card-{rank}" data-q="{_e(_fmt(card.q_value))}">'
-        f"<h3>#{rank} {_e(card.object_id)}{tags}</h3>"
-        f'<div class="meta">RA {_e(_fmt(card.ra, "deg"))}&deg; &middot; Dec {_e(_fmt(card.dec, "deg"))}&deg; &middot; '
-        f"score {_e(_fmt(card.score))} &middot; p {_e(_fmt(card.p_value))} &middot; <b>q {_e(_fmt(card.q_value))}</b></div>"
-        f'<div class="panels">{figures}</div>'
-        f'<dl class="stats">{stats}</dl>{neighbours}</article>'
-    )
+def panel_captions(card: Card) -> list[str]:
+    """Captions of the four panels of a card, in the order of `panels`."""
+    return [_rgb_caption(tuple(card.bands), np.asarray(card.image).shape[0]), "reconstruction", "residual", card.method]
 
 
-def _table_html(table: pd.DataFrame) -> str:
+def card_view(card: Card, rank: int, panel_src: list[str], neighbour_src: list[str] | None = None,
+              dom_id: str | None = None, lazy: bool = False) -> dict:
+    """What the card macro (``templates/card.html.j2``) shows of `card`: formatted text (escaped by
+    the template) and the image sources of its panels and neighbours (data: URIs or URLs)."""
+    stats = [(str(name), _fmt(value)) for name, value in card.statistics.items()]
+    tags = [(kind, str(value)) for kind, value in (("class", card.anomaly_class), ("label", card.label))
+            if value is not None and str(value) != ""]
+    neighbours = [(str(nb_id), src) for (nb_id, _), src in zip(card.neighbours or [], neighbour_src or [])]
+    return {
+        "rank": rank, "dom_id": dom_id or f"card-{rank}", "object_id": str(card.object_id), "tags": tags,
+        "ra": _fmt(card.ra, "deg"), "dec": _fmt(card.dec, "deg"), "score": _fmt(card.score),
+        "p": _fmt(card.p_value), "q": _fmt(card.q_value), "panels": list(zip(panel_captions(card), panel_src)),
+        "stats": stats, "neighbours": neighbours, "lazy": lazy,
+    }
+
+
+def _table_view(table: pd.DataFrame) -> dict:
     text_columns = {"object_id", "label", "anomaly_class"}
-    head = "".join(
-        f'<th data-key="{_e(col)}" data-type="{"str" if col in text_columns else "num"}"'
-        f'{" class=id" if col == "object_id" else ""}>{_e(col)}</th>'
-        for col in table.columns
-    )
-    body = []
+    columns = [{"key": str(col), "type": "str" if col in text_columns else "num"} for col in table.columns]
+    rows = []
     for _, row in table.iterrows():
         cells = []
         for col in table.columns:
             value = row[col]
             if col == "object_id":
-                cells.append(f'<td class="id" data-value="{_e(value)}"><a href="#card-{int(row["rank"])}">{_e(value)}</a></td>')
+                cells.append({"value": str(value), "shown": str(value), "link": True})
             elif col in text_columns:
                 shown = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
-                cells.append(f'<td data-value="{_e(shown)}">{_e(shown)}</td>')
+                cells.append({"value": shown, "shown": shown, "link": False})
             else:
                 kind = "deg" if col in ("ra", "dec") else "g"
                 shown = str(int(value)) if col == "rank" else _fmt(value, kind)
-                cells.append(f'<td data-value="{_e(repr(float(value)))}">{_e(shown)}</td>')
-        body.append(f'<tr data-card="card-{int(row["rank"])}">{"".join(cells)}</tr>')
-    return f'<table id="candidates"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+                cells.append({"value": repr(float(value)), "shown": shown, "link": False})
+        rows.append({"rank": int(row["rank"]), "cells": cells})
+    return {"columns": columns, "rows": rows}
 
 
 def write_gallery(
@@ -477,6 +412,7 @@ def write_gallery(
     latent_labels: list[str] | np.ndarray | None = None,
     score_hist: dict | None = None,
     title: str = "gsafe anomaly gallery",
+    notices: list[str] | None = None,
 ) -> dict[str, Path]:
     """Writes the gallery of ``cards`` to ``out_dir``; returns the written paths by name.
 
@@ -490,6 +426,7 @@ def write_gallery(
         score_hist: ``{"scores": (N,), "calibration": (M,)}`` combined scores of the survey and of
             the calibration (normal) set, optionally ``"statistics": {name: {"scores", "calibration"}}``.
         title: page title.
+        notices: lines shown in a banner above everything (e.g. a drift alarm), plain text.
 
     Returns:
         ``{"index", "csv", "parquet", "attributions", "latent_map"?, "score_hist"?,
@@ -503,25 +440,26 @@ def write_gallery(
         raise ValueError(f"write_gallery: object ids must be unique; repeated: {duplicated}")
     written: dict[str, Path] = {}
     taken: set[str] = set()
-    card_html = []
+    views = []
     for rank, card in enumerate(cards, 1):
-        panels = _panels(card)
+        rgb = panels(card)
         path = out / "cards" / f"{safe_filename(card.object_id, taken)}.png"
-        path.write_bytes(_card_figure(card, panels, rank))
+        path.write_bytes(_card_figure(card, rgb, rank))
         written[f"card:{card.object_id}"] = path
-        card_html.append(_card_html(card, rank, panels))
+        neighbour_src = [data_uri(png(composite(nb_image, tuple(card.bands)))) for _, nb_image in card.neighbours or []]
+        views.append(card_view(card, rank, [data_uri(png(p)) for p in rgb.values()], neighbour_src))
 
     overview = []
     if latent_xy is not None:
-        png = _latent_figure(latent_xy, latent_labels, cards)
+        figure = _latent_figure(latent_xy, latent_labels, cards)
         written["latent_map"] = out / "latent_map.png"
-        written["latent_map"].write_bytes(png)
-        overview.append(f'<figure><img alt="latent map" src="{_data_uri(png)}"></figure>')
+        written["latent_map"].write_bytes(figure)
+        overview.append(("latent map", data_uri(figure)))
     if score_hist is not None:
-        png = _hist_figure(score_hist, cards)
+        figure = _hist_figure(score_hist, cards)
         written["score_hist"] = out / "score_hist.png"
-        written["score_hist"].write_bytes(png)
-        overview.append(f'<figure><img alt="score histograms" src="{_data_uri(png)}"></figure>')
+        written["score_hist"].write_bytes(figure)
+        overview.append(("score histograms", data_uri(figure)))
 
     table = _table(cards)
     written["csv"] = out / "candidates.csv"
@@ -531,21 +469,9 @@ def write_gallery(
     written["attributions"] = out / "attributions.npz"
     _write_npz(written["attributions"], {str(c.object_id): np.asarray(c.attribution, dtype=np.float32) for c in cards})
 
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    page = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        # Nothing may leave the page: images are data: URIs, style and script are inline.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-        "style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
-        f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
-        f"<style>{_CSS}</style></head><body>"
-        f"<header><h1>{_e(title)}</h1><p>{len(cards)} candidates &middot; written {_e(stamp)} &middot; "
-        "click a column header to sort; cards follow the table order</p></header><main>"
-        + (f'<h2>Overview</h2><section class="overview">{"".join(overview)}</section>' if overview else "")
-        + f"<h2>Candidates</h2><section>{_table_html(table)}</section>"
-        + f'<h2>Cards</h2><section class="cards" id="cards">{"".join(card_html)}</section>'
-        + f"</main><script>{_JS}</script></body></html>\n"
-    )
+    page = template_environment().get_template("gallery.html.j2").render(
+        title=title, cards=views, table=_table_view(table), overview=overview, notices=list(notices or []),
+        stamp=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     written["index"] = out / "index.html"
-    written["index"].write_text(page, encoding="utf-8")
+    written["index"].write_text(page + "\n", encoding="utf-8")
     return written

@@ -60,7 +60,7 @@ def lex_selector(det, store_url: str, name: str, version: int) -> ex.LexSelector
 
 @task(name="explain-top", cache_policy=NO_CACHE)
 def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], payload: bytes, out: str,
-                      method: str = "integrated_gradients") -> dict:
+                      method: str = "integrated_gradients", notices: list[str] | None = None) -> dict:
     store = SurveyStore.open(store_url)
     table = store.score_table(name, version)
     cols = table.read()
@@ -102,5 +102,6 @@ def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], 
     calib = split_rows(cat["id_hash"])["calib"]
     files = write_gallery(out, cards, latent_xy=latent_xy, latent_labels=latent_labels,
                           score_hist={"scores": cols["score"], "calibration": cols["score"][calib]},
-                          title=f"gsafe: top {len(rows)} anomalies of {store_url} — {name}/{version} ({method})")
+                          title=f"gsafe: top {len(rows)} anomalies of {store_url} — {name}/{version} ({method})",
+                          notices=notices)
     return {"cards": len(cards), "files": {k: str(v) for k, v in files.items()}}
