@@ -7,12 +7,19 @@ Layout::
                       ra, dec (float64), source (str), n_missing (int32), and optional columns
                       (label, anomaly_class, ...) created on first use
     aux/<name>        (N, ...) per-object arrays (e.g. the simulator's footprint (N, H, W) uint8)
-    quarantine/       source, object_id, reason (str): one row per rejected input
+    quarantine/       source, object_id, reason (str): one row per rejected input (an append-only table)
+    <table>/          other append-only tables (e.g. ``labels``): 1-D columns, see `SurveyStore.append_table`
     scores/<model>/<version>/   one table per scoring campaign, see `ScoreTable`
 
 Rows become visible to readers only when ``attrs["n_rows"]`` moves past them, and that is the last
 thing `SurveyStore.append` writes: a crash mid-append leaves rows beyond ``n_rows`` that no reader
-takes as valid and that the next append overwrites.
+takes as valid and that the next append overwrites. Tables commit the same way, with ``n_rows`` in
+their own group's attributes.
+
+One writer at a time: every append, table append, column write and score-table growth holds the
+store's lock (`SurveyStore.lock`, see `infra.locks`) and re-reads ``n_rows`` under it, so a second
+process appending at the same time queues behind the first instead of resizing over its rows
+(zarr's ``resize`` deletes every chunk past the new shape).
 
 Every URL goes through ``zarr.open_group``: plain paths use Zarr's local store, ``file://``,
 ``s3://``, ``memory://`` and other URLs use fsspec, with the same code.
@@ -20,8 +27,11 @@ Every URL goes through ``zarr.open_group``: plain paths use Zarr's local store, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
@@ -30,8 +40,11 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from infra.errors import SchemaVersionError, StoreError
+from infra.locks import DEFAULT_TIMEOUT, store_lock
 
 __all__ = ["SCHEMA_VERSION", "SurveyStore", "ScoreTable", "id_hash", "CORE_COLUMNS"]
+
+log = logging.getLogger("gsafe.store")
 
 SCHEMA_VERSION = 1
 _COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
@@ -64,6 +77,13 @@ def _dtype_and_fill(values: np.ndarray) -> tuple[object, object]:
     return values.dtype.str, -1 if values.dtype.kind == "i" else 0
 
 
+#: Groups of the store that are not append-only tables.
+_NOT_TABLES = ("images", "catalog", "aux", "scores")
+_TABLE_CHUNK = 4096
+_QUARANTINE_COLUMNS = ("source", "object_id", "reason")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+
 def _url_options(url: str) -> dict:
     """Extra `zarr.open_group` arguments for `url`: fsspec's local filesystem (``file://``) makes no
     parent folders unless told, so creating a store or writing a new chunk there would fail."""
@@ -77,6 +97,24 @@ def _open_group(url: str, mode: str) -> zarr.Group:
         raise StoreError(f"store {url}: not found ({e}); create it with `gsafe ingest` or `gsafe simulate --store`") from e
     except zarr.errors.ContainsArrayError as e:
         raise StoreError(f"store {url}: not a gsafe survey store (it holds a single Zarr array)") from e
+
+
+def _table_values(v) -> np.ndarray:
+    v = np.asarray(v)
+    if v.dtype.kind in "USOT":
+        return np.asarray([str(x) for x in v.ravel()], dtype=object).reshape(v.shape)
+    if v.dtype.kind not in "biuf":
+        raise StoreError(f"table column of dtype {v.dtype}: expected strings, numbers or booleans")
+    return v
+
+
+def _table_rows(grp: zarr.Group) -> int:
+    """Committed rows of a table group: its ``n_rows`` (stores before tables had it: the shortest column)."""
+    n = grp.attrs.get("n_rows")
+    if n is not None:
+        return int(n)
+    lengths = [grp[k].shape[0] for k in grp.array_keys()]
+    return min(lengths) if lengths else 0
 
 
 def _write_aligned(arr: zarr.Array, start: int, values: np.ndarray) -> None:
@@ -103,15 +141,55 @@ class SurveyStore:
         (3, ['a', 'b', 'c'])
     """
 
-    def __init__(self, group: zarr.Group, url: str):
+    def __init__(self, group: zarr.Group, url: str, mode: str = "r"):
         self.group = group
         self.url = str(url)
+        self.mode = mode
+        self._seen_n = int(group.attrs.get("n_rows", 0))  # rows this object has accounted for (see append)
+        self._theirs = np.empty(0, np.uint64)  # id hashes other writers committed since (dedupe_concurrent)
+
+    def refresh(self) -> "SurveyStore":
+        """Re-read the store's attributes (``n_rows``...): another process may have appended since."""
+        self.group = _open_group(self.url, "r+" if self.mode != "r" else "r")
+        return self
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = DEFAULT_TIMEOUT):
+        """Hold the store's writer lock (one writer at a time, across processes and machines).
+
+        Re-entrant in one thread; the store's attributes are re-read on entry, so ``self.n`` is the
+        committed row count for as long as the lock is held. See `infra.locks` for how it works on
+        local paths and on object stores.
+
+        Example:
+            >>> s = SurveyStore.create("memory://doc-lock-store", bands=("g",), height=4, width=4)
+            >>> with s.lock():
+            ...     s.append(np.zeros((2, 1, 4, 4), np.float32), {"object_id": np.array(["a", "b"])})
+            (0, 2)
+        """
+        with store_lock(self.url, timeout) as guard:
+            self.refresh()
+            yield guard
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
     def create(cls, url: str, *, bands: tuple[str, ...], height: int, width: int,
-               pixel_scale: float = 0.2, chunk_size: int = 1024, provenance: dict | None = None) -> "SurveyStore":
-        """A new, empty store at `url`; fails if a store is already there."""
+               pixel_scale: float = 0.2, chunk_size: int = 1024, provenance: dict | None = None,
+               exist_ok: bool = False) -> "SurveyStore":
+        """A new, empty store at `url`; fails if a store is already there, unless `exist_ok`, which
+        opens that store instead (for appending) when another process created it first.
+
+        Holds the store's lock, so two processes creating one store at once make it once.
+        """
+        with store_lock(str(url)):
+            if exist_ok and cls.exists(url):
+                return cls.open(url, mode="r+")
+            return cls._create(url, bands=bands, height=height, width=width, pixel_scale=pixel_scale,
+                               chunk_size=chunk_size, provenance=provenance)
+
+    @classmethod
+    def _create(cls, url: str, *, bands: tuple[str, ...], height: int, width: int, pixel_scale: float,
+                chunk_size: int, provenance: dict | None) -> "SurveyStore":
         try:
             g = zarr.open_group(store=str(url), mode="w-", zarr_format=3, **_url_options(url))
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as e:
@@ -124,15 +202,16 @@ class SurveyStore:
             cat.create_array(name, shape=(0,), chunks=(chunk_size,), dtype=dt, fill_value=fill)
         g.create_group("aux")
         q = g.create_group("quarantine")
-        for name in ("source", "object_id", "reason"):
-            q.create_array(name, shape=(0,), chunks=(4096,), dtype=str, fill_value="")
+        for name in _QUARANTINE_COLUMNS:
+            q.create_array(name, shape=(0,), chunks=(_TABLE_CHUNK,), dtype=str, fill_value="")
+        q.attrs["n_rows"] = 0
         g.create_group("scores")
         g.attrs.update({
             "schema_version": SCHEMA_VERSION, "bands": list(bands), "pixel_scale": float(pixel_scale),
             "height": int(height), "width": int(width), "chunk_size": int(chunk_size), "n_rows": 0,
             "provenance": [provenance] if provenance else [],
         })
-        return cls(g, url)
+        return cls(g, url, mode="r+")
 
     @classmethod
     def open(cls, url: str, mode: str = "r") -> "SurveyStore":
@@ -145,7 +224,7 @@ class SurveyStore:
             raise SchemaVersionError(
                 f"store {url}: schema version {version}, this gsafe reads version {SCHEMA_VERSION}; "
                 f"re-ingest the sources with this version of gsafe")
-        return cls(g, url)
+        return cls(g, url, mode)
 
     @classmethod
     def exists(cls, url: str) -> bool:
@@ -271,11 +350,22 @@ class SurveyStore:
         return arr
 
     def append(self, images: np.ndarray, catalog: Mapping[str, np.ndarray],
-               aux: Mapping[str, np.ndarray] | None = None) -> tuple[int, int]:
+               aux: Mapping[str, np.ndarray] | None = None, *, dedupe_concurrent: bool = False) -> tuple[int, int]:
         """Add rows at the end; returns their (start, stop). Readers see them only once all is written.
 
         `catalog` must hold ``object_id``; other core columns get their defaults when absent, and
         new columns are created (earlier rows get the column's fill value).
+
+        Safe against other writers: the store's lock is held and ``n_rows`` re-read under it, so
+        rows go after whatever another process committed meanwhile, and never over it.
+
+        Arguments:
+            images: (m, B, H, W) float32, counts, NaN = missing.
+            catalog: {column: (m,) array}, with ``object_id``.
+            aux: {name: (m, ...) array} per-object arrays.
+            dedupe_concurrent: drop rows whose object id another writer committed since this
+                store object was opened: an ingest that checked ids at its start stays
+                duplicate-free while another ingest runs. Then ``stop - start`` may be less than m.
         """
         images = np.asarray(images, dtype=np.float32)
         m = len(images)
@@ -291,6 +381,28 @@ class SurveyStore:
                 raise StoreError(f"store {self.url}: column {k!r} has {len(v)} rows, images {m}")
         if m == 0:
             return self.n, self.n
+        with self.lock() as guard:
+            if self.n > self._seen_n:   # another writer's rows: remember their ids (8 bytes each)
+                new = np.asarray(self.group["catalog"]["id_hash"][self._seen_n:self.n], dtype=np.uint64)
+                self._theirs = np.union1d(self._theirs, new)
+                self._seen_n = self.n
+            if dedupe_concurrent and len(self._theirs):
+                keep = ~np.isin(cols["id_hash"], self._theirs)
+                if not keep.all():
+                    images = images[keep]
+                    cols = {k: v[keep] for k, v in cols.items()}
+                    aux = {k: np.asarray(v)[keep] for k, v in (aux or {}).items()}
+                    m = len(images)
+            if m == 0:
+                self._seen_n = self.n
+                return self.n, self.n
+            start, stop = self._append_locked(images, cols, aux, guard)
+            self._seen_n = stop
+            return start, stop
+
+    def _append_locked(self, images: np.ndarray, cols: dict[str, np.ndarray],
+                       aux: Mapping[str, np.ndarray] | None, guard) -> tuple[int, int]:
+        m = len(images)
         start, stop = self.n, self.n + m
         # 1. grow and fill every array beyond the committed rows (invisible to readers)
         targets: list[tuple[zarr.Array, np.ndarray | None]] = [(self.images, images)]
@@ -310,35 +422,134 @@ class SurveyStore:
                             dtype=object if arr.dtype.kind in "UOT" else arr.dtype)
             _write_aligned(arr, start, v)
         # 2. commit: the one write that makes the rows real
+        guard.check()
         self.group.attrs["n_rows"] = stop
         return start, stop
 
     def set_column(self, name: str, values: np.ndarray, parent: str = "catalog") -> None:
-        """Write a whole column over the committed rows (created if new), e.g. labels joined afterwards."""
+        """Write a whole column over the committed rows (created if new), e.g. labels joined afterwards.
+
+        Call it with the store's lock held and the values computed under it (as `attach_truth`
+        does): ``len(values)`` must equal the committed rows, which another writer may change.
+        """
         values = np.asarray(values)
-        if len(values) != self.n:
-            raise StoreError(f"store {self.url}: column {name!r} has {len(values)} rows, store {self.n}")
-        arr = self._column(parent, name, values)
-        if arr.shape[0] != self.n:
-            arr.resize((self.n, *arr.shape[1:]))
-        _write_aligned(arr, 0, values)
+        with self.lock():
+            if len(values) != self.n:
+                raise StoreError(f"store {self.url}: column {name!r} has {len(values)} rows, store {self.n} "
+                                 f"(another writer may have appended meanwhile: compute it under `store.lock()`)")
+            arr = self._column(parent, name, values)
+            if arr.shape[0] != self.n:
+                arr.resize((self.n, *arr.shape[1:]))
+            _write_aligned(arr, 0, values)
+
+    # ---- append-only tables ----------------------------------------------------------------
+    def append_table(self, name: str, columns: Mapping[str, np.ndarray]) -> tuple[int, int]:
+        """Append rows to the small append-only table `name` (labels, quarantine...); returns (start, stop).
+
+        The table is a group of 1-D columns created on first use: strings as Zarr strings, numbers
+        and booleans as their dtype. A column absent from this append gets its fill value ("" for
+        strings, NaN for floats, -1 for signed and 0 for unsigned integers, False); a new column
+        gets that fill for earlier rows. Rows are committed atomically for readers (the table's
+        ``n_rows`` moves last) under the store's lock, so concurrent writers never lose a row.
+
+        Arguments:
+            name: the table, e.g. ``"labels"``; not one of the store's own groups.
+            columns: {column: (m,) array}, all of one length m.
+
+        Example:
+            >>> s = SurveyStore.create("memory://doc-table", bands=("g",), height=4, width=4)
+            >>> s.append_table("labels", {"object_id": np.array(["a", "b"]), "label": np.array([1, 0])})
+            (0, 2)
+            >>> {k: v.tolist() for k, v in s.read_table("labels").items()}
+            {'label': [1, 0], 'object_id': ['a', 'b']}
+        """
+        if name in _NOT_TABLES or not _NAME.match(name):
+            raise StoreError(f"store {self.url}: {name!r} cannot be a table name (letters, digits, _ . -; "
+                             f"not one of {', '.join(_NOT_TABLES)})")
+        cols = {str(k): _table_values(v) for k, v in columns.items()}
+        bad = [k for k, v in cols.items() if v.ndim != 1 or not _NAME.match(k)]
+        if bad:
+            raise StoreError(f"store {self.url}: table {name}: columns {bad} must be 1-D with plain names")
+        lengths = {len(v) for v in cols.values()}
+        if len(lengths) > 1:
+            raise StoreError(f"store {self.url}: table {name}: columns of different lengths "
+                             f"{ {k: len(v) for k, v in cols.items()} }")
+        m = lengths.pop() if lengths else 0
+        with self.lock() as guard:
+            grp = self.group.require_group(name)
+            n0 = _table_rows(grp)
+            if m == 0:
+                return n0, n0
+            arrays = {k: grp[k] for k in grp.array_keys()}
+            for k, v in cols.items():
+                if k not in arrays:
+                    dt, fill = _dtype_and_fill(v)
+                    arrays[k] = grp.create_array(k, shape=(n0,), chunks=(_TABLE_CHUNK,), dtype=dt, fill_value=fill)
+            for k, arr in arrays.items():
+                arr.resize((n0 + m,))
+                v = cols.get(k)
+                if v is None:   # junk of a crashed append may lie there: write the fill explicitly
+                    v = np.full(m, "" if arr.dtype.kind in "UOT" else arr.fill_value,
+                                dtype=object if arr.dtype.kind in "UOT" else arr.dtype)
+                arr[n0:n0 + m] = v
+            guard.check()
+            grp.attrs["n_rows"] = n0 + m
+            return n0, n0 + m
+
+    def read_table(self, name: str) -> dict[str, np.ndarray]:
+        """The committed rows of table `name`, {column: (n,) array} (strings as str objects); {} if absent."""
+        if name in _NOT_TABLES or name not in self.group:
+            return {}
+        grp = self.group[name]   # read afresh: the table's n_rows, not the one seen at open
+        if not isinstance(grp, zarr.Group):
+            return {}
+        n = _table_rows(grp)
+        out = {}
+        for k in sorted(grp.array_keys()):
+            a = grp[k]
+            v = a[:n]
+            out[k] = np.asarray(v, dtype=object) if a.dtype.kind in "UOT" else np.asarray(v)
+        return out
+
+    def tables(self) -> list[str]:
+        """Names of the append-only tables in the store (quarantine, labels...)."""
+        return sorted(k for k in self.group.group_keys() if k not in _NOT_TABLES)
 
     def add_quarantine(self, rows: list[tuple[str, str, str]]) -> None:
-        """Record rejected inputs: (source, object_id or "", reason) each."""
+        """Record rejected inputs, (source, object_id or "", reason) each, as one atomic table append."""
         if not rows:
             return
-        q = self.group["quarantine"]
-        n0 = q["source"].shape[0]
-        for j, name in enumerate(("source", "object_id", "reason")):
-            q[name].resize((n0 + len(rows),))
-            q[name][n0:] = np.asarray([r[j] for r in rows], dtype=object)
+        self.append_table("quarantine", {name: np.asarray([str(r[j]) for r in rows], dtype=object)
+                                         for j, name in enumerate(_QUARANTINE_COLUMNS)})
 
     def read_quarantine(self) -> dict[str, np.ndarray]:
-        q = self.group["quarantine"]
-        return {k: np.asarray(q[k][:], dtype=object) for k in ("source", "object_id", "reason")}
+        """The quarantine table: source, object_id, reason, (n,) str objects each."""
+        t = self.read_table("quarantine")
+        return {k: t.get(k, np.empty(0, dtype=object)) for k in _QUARANTINE_COLUMNS}
 
     def add_provenance(self, record: dict) -> None:
-        self.group.attrs["provenance"] = list(self.group.attrs.get("provenance", [])) + [record]
+        with self.lock():
+            self.group.attrs["provenance"] = list(self.group.attrs.get("provenance", [])) + [record]
+
+    # ---- what hunts have reported -----------------------------------------------------------
+    def reported_rows(self, model: str) -> int | None:
+        """Rows [0, r) whose candidates a hunt with `model` has listed, or None if no hunt has.
+
+        Written only after a hunt has written its candidate list, so a hunt that crashes after
+        scoring leaves its new objects "new" for the next one.
+        """
+        path = f"scores/{model}"
+        if path not in self.group:
+            return None
+        r = self.group[path].attrs.get("reported_rows")
+        return None if r is None else int(r)
+
+    def set_reported_rows(self, model: str, rows: int) -> None:
+        """Move the `model`'s reported marker forward to `rows` (never back)."""
+        with self.lock():
+            g = self.group.require_group(f"scores/{model}")
+            old = g.attrs.get("reported_rows")
+            g.attrs["reported_rows"] = int(rows) if old is None else max(int(old), int(rows))
 
     # ---- score tables --------------------------------------------------------------------
     def score_table(self, model: str, version: str | int, statistics: list[str] | None = None,
@@ -351,13 +562,16 @@ class SurveyStore:
             raise StoreError(f"store {self.url}: no scores for {model} version {version}; run `gsafe score` first")
         if not statistics:
             raise StoreError("score_table: statistics are needed to create a table")
-        g = self.group.require_group(path)
-        cs = self.chunk_size
-        for name in ["score", "p_value", "q_value"] + [f"stat_{s}" for s in statistics] + [f"p_{s}" for s in statistics]:
-            g.create_array(name, shape=(0,), chunks=(cs,), dtype="float64", fill_value=float("nan"))
-        g.create_array("done", shape=(0,), chunks=(1,), dtype="bool", fill_value=False)
-        g.attrs.update({"statistics": list(statistics), "n_rows": 0, "chunk_size": cs, "q_rows": 0})
-        return ScoreTable(g, self)
+        with self.lock():   # two campaigns starting at once make the table once
+            if path in self.group:
+                return ScoreTable(self.group[path], self)
+            g = self.group.require_group(path)
+            cs = self.chunk_size
+            for name in ["score", "p_value", "q_value"] + [f"stat_{s}" for s in statistics] + [f"p_{s}" for s in statistics]:
+                g.create_array(name, shape=(0,), chunks=(cs,), dtype="float64", fill_value=float("nan"))
+            g.create_array("done", shape=(0,), chunks=(1,), dtype="bool", fill_value=False)
+            g.attrs.update({"statistics": list(statistics), "n_rows": 0, "chunk_size": cs, "q_rows": 0})
+            return ScoreTable(g, self)
 
     def score_tables(self) -> list[tuple[str, str]]:
         out = []
@@ -373,6 +587,10 @@ class ScoreTable:
 
     A worker writes its chunk's region of every column, then sets ``done[chunk]`` last, so a
     chunk whose flag is set is complete; a restarted campaign redoes only chunks whose flag is not.
+
+    With an ingest running alongside: the table grows only to the store's committed rows
+    (`ensure_rows`), and a chunk that gained rows after it was read is written but not marked
+    done (`write_chunk` checks under the store's lock), so the next campaign redoes it.
     """
 
     group: zarr.Group
@@ -386,20 +604,32 @@ class ScoreTable:
     def n(self) -> int:
         return int(self.group.attrs["n_rows"])
 
-    def ensure_rows(self, n: int) -> None:
-        """Grow the table to the store's `n` rows; a last chunk that gains rows is marked not done."""
-        old = self.n
-        if n < old:
-            raise StoreError(f"scores at {self.group.path}: has {old} rows, store only {n}")
-        if n == old and self.group["done"].shape[0] == math.ceil(n / self.store.chunk_size):
-            return
-        cs = self.store.chunk_size
-        for name in self.group.array_keys():
-            a = self.group[name]
-            a.resize((math.ceil(n / cs),) if name == "done" else (n,))
-        if old % cs and n > old:
-            self.group["done"][old // cs] = False
-        self.group.attrs["n_rows"] = n
+    def _reload(self) -> None:
+        self.group = self.store.group[self.group.path]
+
+    def ensure_rows(self, n: int | None = None) -> None:
+        """Grow the table to `n` rows (default: the store's committed rows, read under its lock);
+        a last chunk that gains rows is marked not done. Never shrinks: a table another campaign
+        grew further stays as it is."""
+        with self.store.lock() as guard:
+            self._reload()
+            committed = self.store.n
+            n = committed if n is None else int(n)
+            old = self.n
+            if n < old:
+                raise StoreError(f"scores at {self.group.path}: has {old} rows, store only {n}")
+            if n > committed:
+                raise StoreError(f"scores at {self.group.path}: cannot grow to {n} rows, the store has {committed} committed")
+            if n == old and self.group["done"].shape[0] == math.ceil(n / self.store.chunk_size):
+                return
+            cs = self.store.chunk_size
+            for name in self.group.array_keys():
+                a = self.group[name]
+                a.resize((math.ceil(n / cs),) if name == "done" else (n,))
+            if old % cs and n > old:
+                self.group["done"][old // cs] = False
+            guard.check()
+            self.group.attrs["n_rows"] = n
 
     def pending_chunks(self) -> list[int]:
         done = np.asarray(self.group["done"][:], dtype=bool)
@@ -408,8 +638,15 @@ class ScoreTable:
     def done_chunks(self) -> np.ndarray:
         return np.asarray(self.group["done"][:], dtype=bool)
 
-    def write_chunk(self, chunk: int, columns: Mapping[str, np.ndarray]) -> None:
-        """Write one chunk's rows of every column, then mark it done (whole chunks only: no locks needed)."""
+    def write_chunk(self, chunk: int, columns: Mapping[str, np.ndarray]) -> bool:
+        """Write one chunk's rows of every column, then mark it done; returns whether it was marked.
+
+        The rows are the chunk's rows as this table object saw them (``self.n``). Columns are
+        written without the lock (whole chunks: workers never share one); the done flag is set
+        under the store's lock and only if the chunk has not gained rows meanwhile (an ingest
+        and a campaign growing the table while this chunk was scored): such a chunk stays
+        pending and the next campaign scores it whole.
+        """
         cs = self.store.chunk_size
         start, stop = chunk * cs, min((chunk + 1) * cs, self.n)
         for name, v in columns.items():
@@ -419,7 +656,15 @@ class ScoreTable:
             if len(v) != stop - start:
                 raise StoreError(f"scores at {self.group.path}: chunk {chunk} expects {stop - start} rows, got {len(v)}")
             self.group[name][start:stop] = v
-        self.group["done"][chunk] = True
+        with self.store.lock() as guard:
+            now = int(self.store.group[self.group.path].attrs["n_rows"])
+            if min((chunk + 1) * cs, now) != stop:
+                log.info("scores at %s: chunk %d grew from %d to %d rows while scored: left pending",
+                         self.group.path, chunk, stop - start, min((chunk + 1) * cs, now) - start)
+                return False
+            guard.check()
+            self.group["done"][chunk] = True
+            return True
 
     def read(self, columns: list[str] | None = None, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
         stop = self.n if stop is None else min(stop, self.n)

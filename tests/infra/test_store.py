@@ -207,6 +207,9 @@ def test_score_table_on_a_chunk_multiple_adds_only_new_chunks(tmp_store_url):
     t.ensure_rows(8)
     t.write_chunk(0, {"score": np.zeros(4)})
     t.write_chunk(1, {"score": np.zeros(4)})
+    with pytest.raises(StoreError, match="8 committed"):
+        t.ensure_rows(9)           # a table never grows past the store's committed rows
+    s.append(*_rows(8, 9))
     t.ensure_rows(9)
     assert t.pending_chunks() == [2]
     assert t.done_chunks().tolist() == [True, True, False]
