@@ -7,34 +7,13 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.score import run_campaign
 from gsafe_models.metrics import auroc, average_precision, realised_fdr
+from gsafe_models.uniformity import calibration_ks  # the one-sided KS check, shared with the hunt's drift alarm
 from infra import tracking
 from infra.errors import StoreError
 from infra.settings import Settings
 from infra.store import SurveyStore
 
 __all__ = ["promote_flow", "calibration_ks"]
-
-
-def calibration_ks(p_values, n_calib: float | None = None, n_min: int = 50) -> tuple[float, float]:
-    """(one-sided KS statistic D+, its critical value at 1 %) of null p-values against the uniform law.
-
-    What breaks a false-discovery list is too many small p-values on normal objects, so the test is
-    one-sided: D+ = sup_t (F_n(t) - t). A conservative combination (Simes, Bonferroni: valid, with
-    p-values above the uniform) passes. Conformal p-values are uniform on average over calibration
-    sets, but given one calibration set of size m their law is off by O(1/sqrt(m)): the fair
-    yardstick is the two-sample one, 1.52·sqrt(1/n + 1/m), not the one-sample 1.52/sqrt(n), which
-    refuses every honest model once n >> m.
-    """
-    import numpy as np
-    from scipy.stats import kstest
-
-    p = np.asarray(p_values, float)
-    p = p[np.isfinite(p)]
-    if len(p) < n_min:
-        return float("nan"), float("nan")
-    extra = 1.0 / n_calib if n_calib else 0.0
-    d_plus = float(kstest(p, "uniform", alternative="greater").statistic)
-    return d_plus, float(np.sqrt(-np.log(0.01) / 2) * np.sqrt(1.0 / len(p) + extra))
 
 
 @task(name="validation-metrics", cache_policy=NO_CACHE)

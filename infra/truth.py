@@ -59,24 +59,32 @@ def read_truth(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def attach_truth(store: SurveyStore, truth: Mapping[str, np.ndarray]) -> int:
-    """Copy labels, classes and footprints of a truth table onto the store rows with the same object id.
+    """Merge labels, classes and footprints of a truth table onto the store rows with the same object id.
 
-    Rows without truth keep label -1 and an empty class; returns how many rows matched.
+    A merge: rows the table does not name keep what they had (labels joined by an earlier table,
+    or -1 and an empty class when never labelled), so truth can be joined source by source.
+    Holds the store's lock, so rows appended meanwhile by another writer are neither lost nor
+    mislabelled. Returns how many rows matched.
     """
-    ids = store.object_ids().astype(str)
     t_ids = np.asarray(truth["object_id"]).astype(str)
     pos = {o: i for i, o in enumerate(t_ids)}
-    idx = np.array([pos.get(o, -1) for o in ids])
-    hit = idx >= 0
-    label = np.full(len(ids), -1, np.int8)
-    label[hit] = np.asarray(truth["label"])[idx[hit]]
-    cls = np.full(len(ids), "", dtype=object)
-    cls[hit] = np.asarray(truth["anomaly_class"]).astype(str)[idx[hit]]
-    store.set_column("label", label)
-    store.set_column("anomaly_class", cls)
-    if "footprint" in truth:
-        fp_t = np.asarray(truth["footprint"], np.uint8)
-        fp = np.zeros((len(ids), *fp_t.shape[1:]), np.uint8)
-        fp[hit] = fp_t[idx[hit]]
-        store.set_column("footprint", fp, parent="aux")
+    with store.lock():
+        ids = store.object_ids().astype(str)
+        idx = np.array([pos.get(o, -1) for o in ids], dtype=np.int64)
+        hit = idx >= 0
+        have = set(store.columns)
+        label = store.read_catalog(["label"])["label"].astype(np.int8) if "label" in have \
+            else np.full(len(ids), -1, np.int8)
+        label[hit] = np.asarray(truth["label"])[idx[hit]]
+        cls = store.read_catalog(["anomaly_class"])["anomaly_class"].astype(object) if "anomaly_class" in have \
+            else np.full(len(ids), "", dtype=object)
+        cls[hit] = np.asarray(truth["anomaly_class"]).astype(str)[idx[hit]]
+        store.set_column("label", label)
+        store.set_column("anomaly_class", cls)
+        if "footprint" in truth:
+            fp_t = np.asarray(truth["footprint"], np.uint8)
+            fp = store.read_aux("footprint").astype(np.uint8) if "footprint" in store.aux_names \
+                else np.zeros((len(ids), *fp_t.shape[1:]), np.uint8)
+            fp[hit] = fp_t[idx[hit]]
+            store.set_column("footprint", fp, parent="aux")
     return int(hit.sum())
