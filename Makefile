@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# Headless Chromium for the gallery's browser test (Debian package; skipped where apt is absent).
+# Headless Chromium and its WebDriver for the gallery's and the review app's browser tests (Debian
+# packages; the tests are skipped where apt is absent).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
-	  echo "make: chromium not installed; the browser test will be skipped"; }
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	  echo "make: chromium / chromium-driver not installed; the browser tests will be skipped"; }
 
 demo: $(STAMP)
 	$(BIN)/gsafe demo --out demo_out

@@ -293,6 +293,11 @@ def info(store: str = typer.Argument(..., help="survey store"), home: Optional[P
         typer.echo(f"scores {m}/{v}: {t.n} rows, {len(t.pending_chunks())} chunks pending")
 
 
+from review.cli import review as _review  # noqa: E402  (import-light: typer only)
+
+app.command(name="review")(_review)
+
+
 def main() -> None:
     app()
 

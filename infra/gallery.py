@@ -223,7 +223,7 @@ def panels(card: Card) -> dict[str, np.ndarray]:
         "colour": composite(card.image, bands),
         "reconstruction": composite(card.reconstruction, bands, reference=card.image),
         "residual": _diverging(np.asarray(card.residual)),
-        card.method: _overlay(card.image, card.attribution),
+        "attribution": _overlay(card.image, card.attribution),  # captioned with card.method
     }
 
 

@@ -268,3 +268,58 @@ def write_version_artifact(ref: ModelRef, filename: str, payload: bytes) -> None
         path = Path(tmp) / filename
         path.write_bytes(payload)
         MlflowClient().log_artifact(run_id, str(path), artifact_path="extras")
+
+
+# ---- the scientist's labels and the relevance model (gsafe review, hunts that remember) ------------
+RELEVANCE_FILE = "relevance.npz"
+
+
+def log_labels(store_url: str, settings: Settings, name: str, version: int, digest: str, latest,
+               relevance_state: bytes | None = None, files: Mapping[str, str] | None = None) -> str:
+    """Log a labelling state to the store's experiment as one run tagged with the detector version it
+    was made against (``gsafe.kind=labels``, ``gsafe.model``, ``gsafe.version``, ``gsafe.labels_digest``):
+    counts per label as metrics, the latest labels as ``labels/labels.parquet``, the relevance state
+    (feature space, GP, known groups; plain arrays) as ``labels/relevance.npz``, and any `files`
+    (name -> local path, e.g. the CSV/Parquet exports). Returns the run id."""
+    import mlflow
+
+    exp = experiment_for_store(store_url, settings)
+    counts = latest["label"].value_counts().to_dict() if len(latest) else {}
+    with mlflow.start_run(experiment_id=exp, run_name=f"labels-{name}-{version}",
+                          tags={"gsafe.kind": "labels", "gsafe.model": name, "gsafe.version": str(version),
+                                "gsafe.labels_digest": digest, "gsafe.store": str(store_url)}) as run, \
+            tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_metrics({"labels": float(len(latest))} | {f"labels_{k}": float(v) for k, v in counts.items()})
+        path = Path(tmp) / "labels.parquet"
+        latest.to_parquet(path, index=False)
+        mlflow.log_artifact(str(path), artifact_path="labels")
+        if relevance_state is not None:
+            path = Path(tmp) / RELEVANCE_FILE
+            path.write_bytes(relevance_state)
+            mlflow.log_artifact(str(path), artifact_path="labels")
+        for local in (files or {}).values():
+            mlflow.log_artifact(str(local), artifact_path="labels")
+        return run.info.run_id
+
+
+def find_relevance(store_url: str, settings: Settings, name: str, version: int, digest: str | None = None) -> bytes | None:
+    """The relevance state logged for detector `name`/`version` on this store (the latest one, or the
+    one of labels `digest`), or None."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    exp = experiment_for_store(store_url, settings)
+    query = f"tags.`gsafe.kind` = 'labels' and tags.`gsafe.model` = '{name}' and tags.`gsafe.version` = '{version}'"
+    if digest:
+        query += f" and tags.`gsafe.labels_digest` = '{digest}'"
+    runs = mlflow.search_runs([exp], filter_string=query, order_by=["attributes.start_time DESC"], max_results=5,
+                              output_format="list")
+    for run in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=f"labels/{RELEVANCE_FILE}",
+                                                           dst_path=tmp)
+            except (MlflowException, OSError):
+                continue
+            return Path(path).read_bytes()
+    return None

@@ -13,7 +13,7 @@ from infra.gallery import Card, write_gallery
 from infra.store import SurveyStore
 from tasks.score import load_detector
 
-__all__ = ["top_rows", "explain_rows_task"]
+__all__ = ["top_rows", "build_cards", "normal_bank", "explain_rows_task"]
 
 BANK = 2000          # normal objects encoded for neighbours and the latent map
 N_NEIGHBOURS = 3
@@ -26,12 +26,17 @@ def top_rows(store: SurveyStore, name: str, version: int, k: int) -> np.ndarray:
     return order[:k]
 
 
-def _bank_rows(store: SurveyStore, p_value: np.ndarray, exclude: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A sample of normal-looking objects (p > 0.2) to find neighbours among and to draw the latent map."""
+def normal_bank(p_value: np.ndarray, exclude: np.ndarray, size: int = BANK, seed: int = 0) -> np.ndarray:
+    """A sample of normal-looking objects (p > 0.2) to find neighbours among and to draw the latent map:
+    sorted row indices into `p_value` (pass a prefix of the table to draw from its first rows only)."""
     ok = np.nonzero(np.nan_to_num(p_value, nan=0) > 0.2)[0]
     ok = np.setdiff1d(ok, exclude)
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(ok, min(BANK, len(ok)), replace=False)) if len(ok) else ok
+    return np.sort(rng.choice(ok, min(size, len(ok)), replace=False)) if len(ok) else ok
+
+
+def _bank_rows(store: SurveyStore, p_value: np.ndarray, exclude: np.ndarray, seed: int = 0) -> np.ndarray:
+    return normal_bank(p_value, exclude, BANK, seed)
 
 
 def lex_selector(det, store_url: str, name: str, version: int) -> ex.LexSelector:
@@ -58,22 +63,28 @@ def lex_selector(det, store_url: str, name: str, version: int) -> ex.LexSelector
     return selector
 
 
-@task(name="explain-top", cache_policy=NO_CACHE)
-def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], payload: bytes, out: str,
-                      method: str = "integrated_gradients", notices: list[str] | None = None) -> dict:
-    store = SurveyStore.open(store_url)
-    table = store.score_table(name, version)
-    cols = table.read()
+def build_cards(store: SurveyStore, det, cols: dict[str, np.ndarray], rows: np.ndarray, bank: np.ndarray,
+                method: str = "integrated_gradients", selector: ex.LexSelector | None = None,
+                catalog: dict[str, np.ndarray] | None = None, *, at: np.ndarray | None = None,
+                z_bank: np.ndarray | None = None, bank_ids: np.ndarray | None = None,
+                ) -> tuple[list[Card], np.ndarray, np.ndarray]:
+    """The explained cards of store `rows` (reconstruction, residual, attribution, statistics, nearest
+    normal neighbours among `bank` rows); also returns the latents of the bank and of the rows.
+
+    `cols` is the campaign's score table (``ScoreTable.read()``) and `catalog` the store's catalog
+    columns (object_id, ra, dec, optionally anomaly_class; read whole if not given), both indexed by
+    store row, or by `at` (one position per row) when they hold only some rows. `z_bank` and
+    `bank_ids` (latents and object ids of the bank) spare encoding and reading them again.
+    """
     rows = np.asarray(rows, dtype=np.int64)
-    det = load_detector(payload)
+    at = rows if at is None else np.asarray(at, dtype=np.int64)
     images = store.read_rows(rows)
     recon = det.reconstruct(images)
-    selector = lex_selector(det, store_url, name, version) if method == "lex" else None
     attribution = ex.explain(method, det.score_function(), det.impute_function(), torch.as_tensor(images),
                              selector=selector).detach().cpu().numpy()
-    cat = store.read_catalog(None)
-    bank = _bank_rows(store, cols["p_value"], rows)
-    z_bank = det.encode(store.read_rows(bank)) if len(bank) else np.zeros((0, 1))
+    cat = catalog if catalog is not None else store.read_catalog(None)
+    if z_bank is None:
+        z_bank = det.encode(store.read_rows(bank)) if len(bank) else np.zeros((0, 1))
     z_top = det.encode(images)
     neigh_idx = None
     if len(bank) >= N_NEIGHBOURS:
@@ -82,9 +93,10 @@ def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], 
     neigh_images = store.read_rows(bank[np.unique(neigh_idx)]) if neigh_idx is not None else None
     uniq = {int(j): i for i, j in enumerate(np.unique(neigh_idx))} if neigh_idx is not None else {}
     ids = cat["object_id"].astype(str)
+    nb_ids = ids[bank] if bank_ids is None else np.asarray(bank_ids).astype(str)
     stats = det.statistic_names
     cards = []
-    for i, r in enumerate(rows):
+    for i, r in enumerate(at):
         cards.append(Card(
             object_id=ids[r], ra=float(cat["ra"][r]), dec=float(cat["dec"][r]), score=float(cols["score"][r]),
             p_value=float(cols["p_value"][r]), q_value=float(cols["q_value"][r]),
@@ -92,8 +104,23 @@ def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], 
             image=images[i], reconstruction=recon[i], residual=images[i] - recon[i], attribution=attribution[i],
             bands=store.bands, method=method,
             anomaly_class=(str(cat["anomaly_class"][r]) or "normal") if "anomaly_class" in cat else None,
-            neighbours=[(ids[bank[j]], neigh_images[uniq[int(j)]]) for j in neigh_idx[i]] if neigh_idx is not None else None,
+            neighbours=[(nb_ids[j], neigh_images[uniq[int(j)]]) for j in neigh_idx[i]] if neigh_idx is not None else None,
         ))
+    return cards, z_bank, z_top
+
+
+@task(name="explain-top", cache_policy=NO_CACHE)
+def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], payload: bytes, out: str,
+                      method: str = "integrated_gradients", notices: list[str] | None = None) -> dict:
+    store = SurveyStore.open(store_url)
+    table = store.score_table(name, version)
+    cols = table.read()
+    rows = np.asarray(rows, dtype=np.int64)
+    det = load_detector(payload)
+    selector = lex_selector(det, store_url, name, version) if method == "lex" else None
+    cat = store.read_catalog(None)
+    bank = _bank_rows(store, cols["p_value"], rows)
+    cards, z_bank, z_top = build_cards(store, det, cols, rows, bank, method, selector, cat)
     latent_xy = latent_labels = None
     if len(bank) + len(rows) >= 5:
         xy = ex.latent_map(torch.as_tensor(np.concatenate([z_bank, z_top]))).numpy()

@@ -1,0 +1,125 @@
+"""Relevance learning, grouping and the review order: known answers on small, hand-made feature sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gsafe_models.relevance import (FeatureSpace, KnownGroups, RelevanceModel, group_candidates, plan_review,
+                                    relevance_target)
+
+
+def _blobs(seed: int = 0, n: int = 12, centres=((0, 0), (6, 0), (0, 6))) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = np.concatenate([rng.normal(c, 0.3, size=(n, 2)) for c in centres])
+    return X, np.repeat(np.arange(len(centres)), n)
+
+
+def test_relevance_target_follows_astronomaly_scale_and_refuses_nonsense():
+    assert relevance_target("interesting") == 1.0
+    assert relevance_target("not_interesting") == 0.0 and relevance_target("artefact") == 0.0
+    assert relevance_target("interesting", 2) == pytest.approx(0.4)
+    assert relevance_target("artefact", float("nan")) == 0.0   # NaN = not given
+    with pytest.raises(ValueError, match="not one of"):
+        relevance_target("boring")
+    with pytest.raises(ValueError, match="0-5"):
+        relevance_target("interesting", 7)
+
+
+def test_feature_space_is_robust_to_units_and_round_trips():
+    rng = np.random.default_rng(1)
+    z, s = rng.normal(size=(80, 6)), rng.standard_t(2, size=(80, 3))
+    fs = FeatureSpace.fit(z, s)
+    X = fs.transform(z, s)
+    # a latent in other units (x1000, shifted) gives the same features: robust standardisation
+    z2 = z.copy()
+    z2[:, 0] = 1000 * z2[:, 0] + 5
+    np.testing.assert_allclose(np.abs(FeatureSpace.fit(z2, s).transform(z2, s)), np.abs(X), atol=1e-9)
+    again = FeatureSpace.from_state(fs.state())
+    np.testing.assert_array_equal(again.transform(z, s), X)
+    assert X.shape[1] <= 16
+    with pytest.raises(ValueError, match="refit"):
+        fs.transform(z[:, :5], s)
+
+
+def test_feature_space_weighs_latents_and_statistics_alike():
+    rng = np.random.default_rng(2)
+    # 30 latents of noise, 1 statistic that separates two populations: the statistic must still show
+    z = rng.normal(size=(200, 30))
+    s = np.concatenate([rng.normal(0, 1, 100), rng.normal(8, 1, 100)])[:, None]
+    X = FeatureSpace.fit(z, s).transform(z, s)
+    first = X[:, 0]
+    assert abs(first[:100].mean() - first[100:].mean()) > 3 * first[:100].std()
+
+
+def test_groups_find_the_blobs_and_leave_strays_alone():
+    X, truth = _blobs()
+    strays = np.array([[20.0, 20.0], [-20.0, 20.0]])
+    g = group_candidates(np.concatenate([X, strays]))
+    for k in range(3):
+        assert len(set(g[:36][truth == k])) == 1
+    assert len(set(g[:36])) == 3
+    assert len(set(g[36:])) == 2 and not set(g[36:]) & set(g[:36])
+    assert sorted(set(g)) == list(range(5))
+
+
+def test_gp_learns_relevance_with_honest_uncertainty_and_round_trips():
+    X, truth = _blobs()
+    t = (truth == 1).astype(float)
+    labelled = np.r_[0:4, 12:16, 24:28]
+    m = RelevanceModel().fit(X[labelled], t[labelled])
+    mu, sd = m.predict(X)
+    rest = np.setdiff1d(np.arange(len(X)), labelled)
+    assert mu[rest][truth[rest] == 1].min() > 0.7 and mu[rest][truth[rest] != 1].max() < 0.3
+    far_mu, far_sd = m.predict(np.array([[30.0, -30.0]]))
+    assert far_sd[0] > 3 * sd[rest].max() and abs(far_mu[0]) < 0.1   # prior: unknown, presumed not interesting
+    again = RelevanceModel.from_state(m.state())
+    np.testing.assert_allclose(again.predict(X)[0], mu, atol=1e-10)
+
+
+def test_cold_start_is_the_anomaly_order_one_representative_per_group_first():
+    q = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06])
+    groups = np.array([0, 0, 1, 1, 2, 0])
+    plan = plan_review(q, groups, np.zeros(6, bool))
+    assert plan.order.tolist() == [0, 2, 4, 1, 3, 5]
+    assert plan.first_pass.tolist() == [True, True, True, False, False, False]
+    assert plan.more_like_this[[0, 2, 4]].tolist() == [2, 1, 0]
+
+
+def test_labels_re_rank_suppress_and_leave_the_q_values_alone():
+    X, truth = _blobs(n=10)
+    n = len(X)
+    rng = np.random.default_rng(3)
+    q = np.sort(rng.uniform(0, 0.05, n))[rng.permutation(n)]
+    q_before = q.copy()
+    groups = truth.copy()
+    labelled = np.zeros(n, bool)
+    targets = np.zeros(n)
+    lens, artefact = np.nonzero(truth == 2)[0][0], np.nonzero(truth == 0)[0][0]
+    labelled[[lens, artefact]] = True
+    targets[lens] = 1.0
+    plan = plan_review(q, groups, labelled, features=X, targets=targets, suppressed_groups=np.array([0]))
+    assert set(plan.suppressed) == set(np.nonzero(truth == 0)[0]) - {artefact}
+    assert not set(plan.order) & set(np.nonzero(truth == 0)[0])
+    assert lens not in plan.order
+    # the labelled-interesting group comes first, the unexplored one after it
+    assert set(plan.order[:9]) == set(np.nonzero(truth == 2)[0]) - {lens}
+    np.testing.assert_array_equal(q, q_before)
+
+
+def test_the_survey_bulk_waits_behind_the_candidates():
+    X, truth = _blobs(n=10)
+    q = np.where(truth == 0, 0.9, 0.01)       # blob 0: ordinary objects far from any discovery
+    labelled = np.zeros(len(X), bool)
+    plan = plan_review(q, np.arange(len(X)), labelled, features=X)
+    assert set(plan.order[-10:]) == set(np.nonzero(truth == 0)[0])
+
+
+def test_known_groups_claim_only_what_lies_within_their_scale():
+    X, truth = _blobs(n=10)
+    group = np.where(truth == 0, 0, -1)      # blob 0 labelled artefact as a group; the others labelled otherwise
+    kg = KnownGroups.fit(X, group)
+    new = np.array([[0.1, -0.1], [3.0, 0.0], [6.1, 0.1]])
+    assert kg.assign(new).tolist() == [0, -1, -1]
+    again = KnownGroups.from_state(kg.state())
+    assert again.assign(new).tolist() == [0, -1, -1]
