@@ -12,16 +12,14 @@ from infra import tracking
 from infra.errors import StoreError
 from infra.settings import Settings
 from infra.store import SurveyStore
+from tasks.score import null_calibration_size
 
 __all__ = ["promote_flow", "calibration_ks"]
 
 
 @task(name="validation-metrics", cache_policy=NO_CACHE)
 def validation_metrics_task(store_url: str, name: str, version: int, alpha: float = 0.1) -> dict:
-    n_calib = float(tracking.version_tags(name, version).get("metric.calibration_n", "nan"))
-    # a two-stage combined p-value is conformalised on half of the calibration split (see
-    # CombinedTest); taking half for every rule errs on the lenient side for the others
-    n_calib = n_calib / 2 if n_calib == n_calib else None
+    n_calib = null_calibration_size(name, version)
     store = SurveyStore.open(store_url)
     cat = store.read_catalog(["label"])
     cols = store.score_table(name, version).read(["score", "p_value", "q_value"])

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from infra import tracking
 from infra.runtime import gpu_count, worker_threads
+from infra.errors import StoreError
 from infra.settings import Settings
 from infra.store import SurveyStore
 from tasks.score import finalize_campaign_task, load_detector, load_payload_task, prepare_campaign_task, score_chunk_task
@@ -26,10 +27,15 @@ def score_flow(store_url: str, name: str, version: int, settings: dict) -> dict:
     t0 = time.perf_counter()
     payload = load_payload_task(name, version)
     det = load_detector(payload)
-    pending = prepare_campaign_task(store_url, name, version, det.statistic_names)
-    store = SurveyStore.open(store_url)
-    if pending:
-        model = _broadcast(payload)
+    model, scored = None, 0
+    # An ingest running alongside may grow a chunk while it is scored: that chunk stays pending
+    # (ScoreTable.write_chunk) and the next round scores it whole, up to the rows committed then.
+    for _ in range(_ROUNDS):
+        pending = prepare_campaign_task(store_url, name, version, det.statistic_names)
+        if not pending:
+            break
+        store = SurveyStore.open(store_url)
+        model = model if model is not None else _broadcast(payload)
         with _gpu_annotation():
             futures = score_chunk_task.map(unmapped(store_url), unmapped(name), unmapped(version), pending,
                                            payload=unmapped(model), threads=unmapped(worker_threads(s)))
@@ -37,8 +43,20 @@ def score_flow(store_url: str, name: str, version: int, settings: dict) -> dict:
                   desc=f"score {name}/{version}", unit="cutout", disable=not s.progress) as bar:
             for f in as_completed(futures):
                 bar.update(f.result())
+        scored += len(pending)
+    else:
+        raise StoreError(f"score: {store_url} kept growing during {_ROUNDS} rounds of scoring {name}/{version}; "
+                         f"what is scored is kept: run `gsafe score` again once the ingest is done")
     finalize_campaign_task(store_url, name, version)
-    return {"n": store.n, "chunks_scored": len(pending), "seconds": time.perf_counter() - t0}
+    return {"n": store_rows(store_url, name, version), "chunks_scored": scored, "seconds": time.perf_counter() - t0}
+
+
+_ROUNDS = 5
+
+
+def store_rows(store_url: str, name: str, version: int) -> int:
+    """Rows of the campaign's table (the store's committed rows when the campaign looked last)."""
+    return SurveyStore.open(store_url).score_table(name, version).n
 
 
 def _broadcast(payload: bytes):

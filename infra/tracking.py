@@ -125,10 +125,28 @@ def _uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+def find_version(name: str, sha256: str) -> int | None:
+    """The version of `name` registered with these exact Detector bytes (tag ``gsafe.sha256``), or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = MlflowClient().search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    hits = [int(v.version) for v in versions if (v.tags or {}).get("gsafe.sha256") == sha256]
+    return min(hits) if hits else None
+
+
 def log_detector(payload: bytes, *, name: str, python_model: Any, signature: Any,
                  pip_requirements: list[str], tags: Mapping[str, str] | None = None) -> int:
     """Log the Detector (its bytes as an artifact of a pyfunc model) in the active run and
-    register it as a new version of `name` with alias ``challenger``; returns the version."""
+    register it as a new version of `name` with alias ``challenger``; returns the version.
+
+    Idempotent: the version is created with its tags (``gsafe.sha256`` of the bytes) in one call,
+    and a version already registered with the same bytes is reused, so a retried registration
+    (a lost connection after the server created the version) never makes a duplicate.
+    """
     import mlflow
     from mlflow import MlflowClient
 
@@ -136,6 +154,12 @@ def log_detector(payload: bytes, *, name: str, python_model: Any, signature: Any
     import io
     import warnings
 
+    tags = {"gsafe.sha256": hashlib.sha256(payload).hexdigest(), **(tags or {})}
+    existing = find_version(name, tags["gsafe.sha256"])
+    if existing is not None:
+        log.info("model %s: these bytes are version %d already; not registered again", name, existing)
+        MlflowClient().set_registered_model_alias(name, "challenger", str(existing))
+        return existing
     quiet = not logging.getLogger("mlflow").isEnabledFor(logging.INFO)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), \
             contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
@@ -144,14 +168,26 @@ def log_detector(payload: bytes, *, name: str, python_model: Any, signature: Any
         path.write_bytes(payload)
         info = mlflow.pyfunc.log_model(name="detector", python_model=python_model,
                                        artifacts={"detector": str(path)}, signature=signature,
-                                       pip_requirements=pip_requirements, registered_model_name=name,
-                                       await_registration_for=60)
-    version = int(info.registered_model_version)
-    client = MlflowClient()
-    for k, v in (tags or {}).items():
-        client.set_model_version_tag(name, str(version), k, str(v))
-    client.set_registered_model_alias(name, "challenger", str(version))
+                                       pip_requirements=pip_requirements)
+        mv = mlflow.register_model(info.model_uri, name, await_registration_for=60,
+                                   tags={k: str(v) for k, v in tags.items()})
+    version = int(mv.version)
+    MlflowClient().set_registered_model_alias(name, "challenger", str(version))
     return version
+
+
+def log_run(store_url: str, settings: Settings, run_name: str, *, tags: Mapping[str, Any],
+            metrics: Mapping[str, float]) -> str:
+    """One run in the store's experiment with these tags and metrics (e.g. a hunt); returns its id."""
+    import math
+
+    import mlflow
+
+    exp = experiment_for_store(store_url, settings)
+    with mlflow.start_run(experiment_id=exp, run_name=run_name,
+                          tags={k: str(v)[:5000] for k, v in tags.items()}) as run:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))})
+        return run.info.run_id
 
 
 def download_detector(ref: ModelRef) -> bytes:

@@ -12,10 +12,12 @@ from prefect.tasks import exponential_backoff
 
 from gsafe_models.calibration import bh_qvalues
 from gsafe_models.detector import Detector
+from gsafe_models.uniformity import drift_check
 from infra import tracking
 from infra.store import ScoreTable, SurveyStore
 
-__all__ = ["load_detector", "load_payload_task", "prepare_campaign_task", "score_chunk_task", "finalize_campaign_task"]
+__all__ = ["load_detector", "load_payload_task", "prepare_campaign_task", "score_chunk_task", "finalize_campaign_task",
+           "drift_task", "null_calibration_size", "batch_keys"]
 
 log = logging.getLogger("gsafe.score")
 _DETECTORS: dict[str, Detector] = {}   # per worker process: a model is deserialised once, not once per chunk
@@ -40,13 +42,16 @@ def prepare_campaign_task(store_url: str, name: str, version: int, statistics: l
     """Create or grow `scores/<name>/<version>` to the store's rows; returns the chunks still to do."""
     store = SurveyStore.open(store_url, mode="r+")
     table = store.score_table(name, version, statistics, create=True)
-    table.ensure_rows(store.n)
+    table.ensure_rows()     # to the rows committed now, read under the store's lock
     return table.pending_chunks()
 
 
 @task(name="score-chunk", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
 def score_chunk_task(store_url: str, name: str, version: int, chunk: int, payload: bytes, threads: int = 1) -> int:
-    """Read chunk `chunk`, score it, write its region of the table and mark it done. Idempotent."""
+    """Read chunk `chunk`, score it, write its region of the table and mark it done. Idempotent.
+
+    A chunk that gained rows while it was scored (an ingest and another campaign alongside) is
+    written but left pending: the next campaign scores it whole."""
     import torch
 
     torch.set_num_threads(threads)
@@ -70,6 +75,38 @@ def finalize_campaign_task(store_url: str, name: str, version: int) -> dict:
     table.write_column("q_value", bh_qvalues(p))
     table.group.attrs["q_rows"] = table.n
     return {"n": table.n}
+
+
+def null_calibration_size(name: str, version: int) -> float | None:
+    """The calibration size behind a version's combined p-values (for the KS yardstick), or None."""
+    n_calib = float(tracking.version_tags(name, version).get("metric.calibration_n", "nan"))
+    # a two-stage combined p-value is conformalised on half of the calibration split (see
+    # CombinedTest); taking half for every rule errs on the lenient side for the others
+    return n_calib / 2 if n_calib == n_calib else None
+
+
+def batch_keys(sources: np.ndarray, n_min: int = 50) -> np.ndarray:
+    """The batch of each object for the drift alarm: its source (a tile, an .npy) when that source
+    holds at least `n_min` of the objects, else the source's directory (a night's cutouts)."""
+    import os
+
+    src = np.asarray(sources, dtype=object).astype(str)
+    names, inverse, counts = np.unique(src, return_inverse=True, return_counts=True)
+    keys = np.array([n if c >= n_min else (os.path.dirname(n) or n) for n, c in zip(names, counts)], dtype=object)
+    return keys[inverse]
+
+
+@task(name="drift-check", cache_policy=NO_CACHE)
+def drift_task(store_url: str, name: str, version: int, start: int, stop: int) -> dict:
+    """The drift alarm over rows [start, stop) of campaign `name`/`version` (the hunt's new objects):
+    combined and per-statistic p-values against the uniform, overall and per input batch."""
+    store = SurveyStore.open(store_url)
+    table = store.score_table(name, version)
+    stats = table.statistics
+    cols = table.read(["p_value"] + [f"p_{s}" for s in stats], start, stop)
+    sources = store.read_catalog(["source"], start, stop)["source"]
+    return drift_check(cols["p_value"], batch_keys(sources), null_calibration_size(name, version),
+                       statistics={s: cols[f"p_{s}"] for s in stats})
 
 
 def read_scores(store: SurveyStore, table: ScoreTable) -> "pandas.DataFrame":  # noqa: F821

@@ -52,3 +52,63 @@ def test_two_gsafe_ingest_processes_on_one_store_keep_every_cutout(settings, tmp
     for i, oid in enumerate(ids):      # ids are "<file stem>-<index>": each row holds its own cutout
         stem, k = oid.rsplit("-", 1)
         np.testing.assert_array_equal(images[i], arrays[stem][int(k)], err_msg=oid)
+
+
+@pytest.mark.slow
+def test_a_hunt_that_crashed_after_scoring_leaves_its_objects_new_and_drift_raises_the_alarm(
+        trained, train_store, settings, sdict, flows_ctx, tmp_path):
+    import mlflow
+
+    from flows.hunt import hunt_flow
+    from flows.score import run_campaign
+    from gsafe_models.simulate import simulate_batch
+    from infra import tracking
+    from tasks.simulate import simulate_survey
+
+    v = trained["version"]
+    tracking.set_alias("tiny", "champion", v)
+    url = str(tmp_path / "h.zarr")
+    shutil.copytree(train_store, url)
+    run_campaign(url, "tiny", v, settings)                     # last night's campaign
+    new = tmp_path / "new"
+    simulate_survey(100, settings=settings, seed=9, anomaly_frac=0.05, fits_dir=str(new), workers=1)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("the hunt's output directory cannot be made here")
+    with pytest.raises(Exception):
+        hunt_flow(url, "tiny@champion", sdict, source=str(new), out=str(blocker))   # crashes after scoring
+    t = SurveyStore.open(url).score_table("tiny", v)
+    assert t.n == 740 and not t.pending_chunks()                # the crashed hunt did score them
+    r = hunt_flow(url, "tiny@champion", sdict, source=str(new), out=str(tmp_path / "out"))
+    assert r["new"] == 100, r["message"]                         # ... and they are still new
+    assert not r["drift"]["alarm"], r["drift"]["alarms"]
+
+    # tomorrow's batch came through three times the sky noise (a camera problem): the alarm goes up
+    x = simulate_batch(0, 100, seed=11, bands=settings.bands, size=settings.cutout_size, anomaly_frac=0.0).images
+    x = x + np.random.default_rng(0).normal(0.0, 25.0, x.shape).astype(np.float32)
+    np.save(tmp_path / "noisy.npy", x)
+    r = hunt_flow(url, "tiny@champion", sdict, source=str(tmp_path / "noisy.npy"), out=str(tmp_path / "out3"), top_k=2)
+    assert r["new"] == 100 and r["drift"]["alarm"] and "DRIFT ALARM" in r["message"]
+    assert any(str(tmp_path / "noisy.npy") in a for a in r["drift"]["alarms"])     # the batch is named
+    assert "drift alarm" in (tmp_path / "out3" / "report" / "index.html").read_text()
+    runs = mlflow.search_runs(experiment_ids=[tracking.experiment_for_store(url, settings)],
+                              filter_string="tags.`gsafe.kind` = 'hunt'", order_by=["attributes.start_time DESC"],
+                              output_format="list")
+    assert [x.data.tags["gsafe.drift.alarm"] for x in runs[:2]] == ["true", "false"]
+    assert runs[0].data.metrics["drift_d_plus"] > runs[0].data.metrics["drift_critical"]
+
+
+@pytest.mark.slow
+def test_a_retried_registration_makes_no_second_version(trained, train_store, settings, flows_ctx):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from infra import tracking
+    from tasks.train import register_task
+
+    payload = tracking.download_detector(tracking.ModelRef("tiny", trained["version"]))
+    with mlflow.start_run(experiment_id=tracking.experiment_for_store(train_store, settings)):
+        first = register_task.fn(payload, "retried", train_store, {})
+        again = register_task.fn(payload, "retried", train_store, {})   # the retry after a lost reply
+    assert first == again
+    assert len(MlflowClient().search_model_versions("name='retried'")) == 1
+    assert tracking.resolve("retried@challenger").version == first

@@ -213,3 +213,35 @@ def test_score_table_on_a_chunk_multiple_adds_only_new_chunks(tmp_store_url):
     t.ensure_rows(9)
     assert t.pending_chunks() == [2]
     assert t.done_chunks().tolist() == [True, True, False]
+
+
+def test_a_chunk_that_grew_while_scored_is_not_marked_done(tmp_store_url):
+    """A campaign scored chunk 1 as it was (rows 4-5); meanwhile an ingest appended rows 6-9 and another
+    campaign grew the table: the first campaign's write must not mark chunk 1 done with rows 6-7 unscored."""
+    s = _make(tmp_store_url)
+    s.append(*_rows(0, 6))
+    t = s.score_table("ae", 1, statistics=["recon"], create=True)
+    t.ensure_rows()
+    stale = SurveyStore.open(tmp_store_url, mode="r+").score_table("ae", 1)   # the first campaign's view
+    SurveyStore.open(tmp_store_url, mode="r+").append(*_rows(6, 10))          # the ingest
+    other = SurveyStore.open(tmp_store_url, mode="r+").score_table("ae", 1)
+    other.ensure_rows()                                                       # the second campaign
+    assert other.n == 10 and other.pending_chunks() == [0, 1, 2]
+    assert stale.write_chunk(0, {"score": np.zeros(4)}) is True
+    assert stale.write_chunk(1, {"score": np.ones(2)}) is False               # grew: left pending
+    fresh = SurveyStore.open(tmp_store_url).score_table("ae", 1)
+    assert fresh.pending_chunks() == [1, 2]
+    assert other.write_chunk(1, {"score": np.ones(4)}) is True                 # scored whole: done
+    assert SurveyStore.open(tmp_store_url).score_table("ae", 1).pending_chunks() == [2]
+
+
+def test_a_table_never_shrinks_and_grows_only_to_committed_rows(tmp_store_url):
+    s = _make(tmp_store_url)
+    s.append(*_rows(0, 5))
+    stale = SurveyStore.open(tmp_store_url, mode="r+")
+    s.append(*_rows(5, 9))
+    t = SurveyStore.open(tmp_store_url, mode="r+").score_table("ae", 1, statistics=["recon"], create=True)
+    t.ensure_rows()
+    assert t.n == 9
+    stale.score_table("ae", 1).ensure_rows()     # a campaign that opened the store before the append
+    assert SurveyStore.open(tmp_store_url).score_table("ae", 1).n == 9
