@@ -2,9 +2,25 @@ r"""GalSim simulator of multi-band survey cutouts with injected anomalies.
 
 Each cutout holds a bulge + disk galaxy near its centre, sometimes an unrelated neighbour, seen
 through a per-band Moffat PSF with per-band sky noise (plus source shot noise), in counts,
-sky-subtracted. A fraction of cutouts carry one injected anomaly (a strong lens, a merger, a
-satellite trail, cosmic rays, a saturated star, a galaxy blended with a point source) together
-with a per-pixel footprint of where it lies.
+sky-subtracted, calibrated so that the depths are those of the HSC-SSP Wide layer. A fraction of
+cutouts carry one injected anomaly together with a per-pixel footprint of where it lies. The
+classes (`ANOMALY_CLASSES`, each with its `(origin, extent, signature)` in `ANOMALY_KINDS`) are
+those that real hunts reported (Galaxy Zoo's odd features, the HSC GAN hunt, Astronomaly on
+DECaLS, survey quality-control catalogues):
+
+- astrophysical, extended: a strong lens, a merger with tidal tails or shells, a ring galaxy, a
+  dust lane across an inclined disk or an early type, a low-surface-brightness galaxy;
+- astrophysical, compact: a point source blended with the galaxy, giant star-forming clumps, an
+  extreme emission-line galaxy (one band boosted), a Lyman-break dropout (no flux in the blue);
+- instrumental: a satellite trail, cosmic rays, a saturated star with spikes and bleed trails, an
+  optical ghost (out-of-focus pupil image), a hot column, an electronic crosstalk ghost.
+
+Every anomaly is a noiseless model added before the noise (PSF-convolved where it is light from
+the sky, not for detector artefacts; negative for light absorbed by dust); a class that needs its
+own kind of central object replaces the host (a lens's massive elliptical, a dusty inclined disk,
+a compact starburst, a clumpy disk) or is the central object itself (a dropout, an LSB galaxy).
+Amplitudes and sizes come from the literature cited in each injector, translated into counts
+through the zero point, never from how a detector scores them.
 
 Object `i` depends only on `(seed, i)` and the survey settings, never on the batch it is drawn
 in: every object has its own random streams, so a survey can be simulated in any chunks, in any
@@ -17,17 +33,29 @@ References:
     | https://ui.adsabs.harvard.edu/abs/1969A&A.....3..455M
     | Gravitational lenses (Schneider, Ehlers & Falco, 1992), singular isothermal sphere
     | https://doi.org/10.1007/978-3-662-03758-4
+    | The Hyper Suprime-Cam SSP survey: overview and survey design (Aihara et al., 2018)
+    | https://arxiv.org/abs/1704.05858
+    | Galaxy Zoo 1: data release of morphological classifications (Lintott et al., 2011), odd features
+    | https://arxiv.org/abs/1007.3265
+    | Anomaly detection in HSC galaxy images with generative adversarial networks (Storey-Fisher et al., 2021)
+    | https://arxiv.org/abs/2105.02434
+    | Astronomaly: personalised active anomaly detection in astronomical data (Lochner & Bassett, 2021)
+    | https://arxiv.org/abs/2010.11202
+    | Astronomaly at scale: searching for anomalies amongst 4 million galaxies (Etsebeth et al., 2024)
+    | https://arxiv.org/abs/2309.08660
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ANOMALY_CLASSES",
+    "ANOMALY_KINDS",
     "DEFAULT_BANDS",
     "SimulatedBatch",
     "simulate_batch",
 ]
 
+import functools
 import math
 
 from dataclasses import dataclass, field
@@ -36,9 +64,35 @@ from typing import Callable
 import galsim
 import numpy as np
 
+from scipy import special
 from scipy.signal import fftconvolve
 
-ANOMALY_CLASSES: tuple[str, ...] = ("lens", "merger", "trail", "cosmic_ray", "saturated_star", "blend_point")
+ANOMALY_CLASSES: tuple[str, ...] = (
+    "lens", "merger", "trail", "cosmic_ray", "saturated_star", "blend_point",
+    "ring", "dust_lane", "emission_line", "dropout", "lsb", "clumpy", "ghost", "hot_column", "crosstalk",
+)
+# (origin, extent, signature) of each class. origin: "astrophysical" (a real object on the sky) or
+# "instrumental" (made by the telescope, camera or detector: an artefact). extent: "compact" when
+# each anomalous feature is at most a few PSF widths across or a line one pixel wide, "extended"
+# otherwise. signature: "photometric" when the anomaly lies mainly in the fluxes or colours (a
+# band's excess or deficit) of an ordinary-looking shape, "morphological" when it lies in the shape.
+ANOMALY_KINDS: dict[str, tuple[str, str, str]] = {
+    "lens": ("astrophysical", "extended", "morphological"),
+    "merger": ("astrophysical", "extended", "morphological"),
+    "trail": ("instrumental", "extended", "morphological"),
+    "cosmic_ray": ("instrumental", "compact", "morphological"),
+    "saturated_star": ("instrumental", "extended", "morphological"),
+    "blend_point": ("astrophysical", "compact", "morphological"),
+    "ring": ("astrophysical", "extended", "morphological"),
+    "dust_lane": ("astrophysical", "extended", "morphological"),
+    "emission_line": ("astrophysical", "compact", "photometric"),
+    "dropout": ("astrophysical", "compact", "photometric"),
+    "lsb": ("astrophysical", "extended", "morphological"),
+    "clumpy": ("astrophysical", "compact", "morphological"),
+    "ghost": ("instrumental", "extended", "morphological"),
+    "hot_column": ("instrumental", "compact", "morphological"),
+    "crosstalk": ("instrumental", "compact", "photometric"),
+}
 DEFAULT_BANDS: tuple[str, ...] = ("g", "r", "i", "z", "y")
 
 # Per band: effective wavelength (nm, LSST-like), sky noise sigma (counts), and flux ratios to the
@@ -53,7 +107,18 @@ _BAND_TABLE: dict[str, tuple[float, float, float, float, float, float]] = {
     "z": (869.0, 15.0, 1.18, 1.05, 0.95, 1.05),
     "y": (971.0, 20.0, 1.28, 1.08, 0.92, 1.10),
 }
+# Approximate filter edges (nm) of the LSST bands (LSST Science Book, 2009, table 1.1): band widths
+# for emission-line excesses, band coverage for intergalactic absorption.
+_BAND_EDGES: dict[str, tuple[float, float]] = {
+    "u": (320.0, 400.0), "g": (400.0, 552.0), "r": (552.0, 691.0),
+    "i": (691.0, 818.0), "z": (818.0, 922.0), "y": (948.0, 1060.0),
+}
 _REF_WAVELENGTH = 755.0  # nm; fluxes are quoted in the i band
+# Counts are f_nu in every band (the SEDs above are f_nu ratios) and one count is AB magnitude
+# _ZERO_POINT: with the sky noise above and a 0.72" PSF, 5-sigma point-source depths are g 26.6,
+# r 26.2, i 25.9, as in the HSC-SSP Wide layer (Aihara et al. 2018). Magnitudes and surface
+# brightnesses from the literature translate into counts through it.
+_ZERO_POINT = 32.4
 _FLUX_RANGE = (1.5e3, 8.0e4)  # counts, i band, host galaxies (log-uniform): S/N ~10 to ~400
 _SATURATION = 4.0e4  # counts above sky where a pixel saturates
 _GAIN = 1.0  # electrons per count, for source shot noise
@@ -106,14 +171,22 @@ def simulate_batch(
     Object `i` is an anomaly when its first random draw falls below `anomaly_frac`; its class
     is then drawn uniformly from `classes`. Each object draws from its own random streams
     seeded by `(seed, i)`, so `simulate_batch(0, 100)` equals `simulate_batch(0, 50)` followed
-    by `simulate_batch(50, 50)`.
+    by `simulate_batch(50, 50)`; a normal object is the same whatever `anomaly_frac` and
+    `classes` are (the anomaly and its replacement host, if any, come from their own stream).
+
+    The footprint of an anomaly is where its noiseless component (light added, or taken away by
+    a dust lane) exceeds the sky noise in some band, or exceeds half its own peak where it never
+    reaches the noise, plus the pixels it saturates. For a class that replaces the host this is
+    where the object departs from a normal galaxy: the ring, the lane, the line emission or the
+    clumps; for a dropout or an LSB galaxy, which are the object, the whole object.
 
     Arguments:
         start: The global index of the first object.
         n: The number of objects.
         seed: The survey seed.
         anomaly_frac: The probability that an object carries an injected anomaly.
-        classes: The anomaly classes to draw from, a subset of `ANOMALY_CLASSES`.
+        classes: The anomaly classes to draw from, a subset of `ANOMALY_CLASSES` (see
+            `ANOMALY_KINDS` for their kinds).
         bands: The bands, among `u, g, r, i, z, y`.
         size: The cutout side :math:`H = W`, in pixels.
         pixel_scale: The pixel side, in arcsec.
@@ -124,7 +197,7 @@ def simulate_batch(
     Example:
         >>> batch = simulate_batch(0, 4, anomaly_frac=0.5, size=32)
         >>> batch.images.shape, batch.object_id[0]
-        ((4, 5, 32, 32), np.str_('sim-000000000'))
+        ((4, 5, 32, 32), np.str_('sim0-000000000'))
     """
     spec = _Survey.of(seed, anomaly_frac, tuple(classes), tuple(bands), size, pixel_scale)
     if start < 0 or n < 0:
@@ -165,6 +238,7 @@ class _Survey:
     wavelength: np.ndarray = field(repr=False)  # (B,) nm
     sky: np.ndarray = field(repr=False)  # (B,) counts
     templates: dict[str, np.ndarray] = field(repr=False)  # name -> (B,) flux ratio to i
+    edges: np.ndarray = field(repr=False)  # (B, 2) nm, filter edges
 
     @classmethod
     def of(cls, seed: int, anomaly_frac: float, classes: tuple[str, ...], bands: tuple[str, ...],
@@ -187,8 +261,9 @@ class _Survey:
             raise ValueError(f"simulate: pixel_scale={scale} must be > 0")
         table = np.array([_BAND_TABLE[b] for b in bands], dtype=np.float64)
         templates = {name: table[:, 2 + k] for k, name in enumerate(("bulge", "disk", "arc", "quasar"))}
+        edges = np.array([_BAND_EDGES[b] for b in bands], dtype=np.float64)
         return cls(int(seed), float(anomaly_frac), tuple(classes), tuple(bands), int(size), float(scale),
-                   table[:, 0], table[:, 1], templates)
+                   table[:, 0], table[:, 1], templates, edges)
 
     @property
     def half(self) -> float:
@@ -236,8 +311,13 @@ class _Conditions:
         """A pixel-integrated shape on the padded grid of `_grid`, scaled to per-band `fluxes`
         and convolved with each band's PSF: `(B, H, W)` float64 counts."""
         pix = pix / pix.sum()
+        return self.blur(pix[None] * np.asarray(fluxes)[:, None, None])
+
+    def blur(self, images: np.ndarray) -> np.ndarray:
+        """Per-band pixel-integrated images `(B, H + 2K, W + 2K)` on the padded grid of `_grid`, in
+        counts per pixel, convolved with each band's PSF and cropped: `(B, H, W)` float64 counts."""
         p = _KERNEL_HALF
-        return np.stack([f * fftconvolve(pix, k, mode="same")[p:-p, p:-p] for f, k in zip(fluxes, self.kernels())])
+        return np.stack([fftconvolve(im, k, mode="same")[p:-p, p:-p] for im, k in zip(images, self.kernels())])
 
 
 def _grid(spec: _Survey, oversample: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -255,6 +335,13 @@ def _bin(a: np.ndarray, oversample: int) -> np.ndarray:
         return a
     n = a.shape[0] // oversample
     return a.reshape(n, oversample, n, oversample).mean(axis=(1, 3))
+
+
+def _bin_sum(a: np.ndarray, oversample: int) -> np.ndarray:
+    """Sums `oversample x oversample` blocks of per-band images `(B, n * oversample, n * oversample)`
+    in counts per subpixel: `(B, n, n)` counts per pixel."""
+    n = a.shape[1] // oversample
+    return a.reshape(len(a), n, oversample, n, oversample).sum(axis=(2, 4))
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -289,6 +376,9 @@ class _Galaxy:
     disk: galsim.GSObject
     sed_bulge: np.ndarray  # (B,)
     sed_disk: np.ndarray
+    r_disk: float = 0.0  # arcsec, half-light radius of the disk
+    g: float = 0.0  # reduced shear of the disk: axis ratio (1 - g) / (1 + g)
+    angle: float = 0.0  # radians, position angle of the major axis from +x
 
     def profiles(self) -> list[galsim.GSObject]:
         """One profile per band."""
@@ -324,7 +414,7 @@ def _draw_galaxy(spec: _Survey, rng: np.random.Generator, flux: float, x: float,
     tilt = rng.normal(0.0, 0.25)  # colour scatter shared by both components (redshift, dust)
     sed_bulge = _scattered(spec, spec.templates["bulge"], rng, tilt)
     sed_disk = _scattered(spec, spec.templates["disk"], rng, tilt)
-    return _Galaxy(flux, float(bulge_frac), x, y, bulge, disk, sed_bulge, sed_disk)
+    return _Galaxy(flux, float(bulge_frac), x, y, bulge, disk, sed_bulge, sed_disk, float(r_disk), float(g_disk), angle)
 
 
 def _star(spec: _Survey, flux: float, sed: np.ndarray, x: float, y: float) -> list[galsim.GSObject]:
@@ -520,6 +610,459 @@ def _blend_point(spec: _Survey, rng: np.random.Generator, cond: _Conditions, hos
     return cond.draw(_star(spec, flux, sed, x, y))
 
 
+# -- astrophysical anomalies seen by real hunts (Galaxy Zoo odd features, the HSC GAN hunt,
+# -- Astronomaly on DECaLS); magnitudes and surface brightnesses become counts through _ZERO_POINT
+
+
+def _counts(mag: float | np.ndarray) -> float | np.ndarray:
+    """AB magnitude to counts."""
+    return 10.0 ** (0.4 * (_ZERO_POINT - mag))
+
+
+def _disk_galaxy(spec: _Survey, rng: np.random.Generator, flux: float, x: float, y: float, r_disk: float,
+                 q: float, bulge_frac: float, tilt_disk: float = 0.0, r_bulge: float | None = None) -> _Galaxy:
+    """A disk galaxy of given disk half-light radius (arcsec) and axis ratio `q` (its inclination),
+    with a smaller (`r_bulge`, default 0.2-0.4 `r_disk`), rounder bulge; colours drawn as in
+    `_draw_galaxy`, the disk tilted by `tilt_disk` (negative: bluer, for star-forming hosts)."""
+    angle = rng.uniform(0.0, math.pi)
+    g = (1.0 - q) / (1.0 + q)
+    beta = angle * galsim.radians
+    if r_bulge is None:
+        r_bulge = r_disk * rng.uniform(0.2, 0.4)
+    bulge = galsim.DeVaucouleurs(half_light_radius=r_bulge, trunc=8.0 * r_bulge, gsparams=_GSPARAMS)
+    bulge = bulge.shear(g=min(0.2, 0.3 * g), beta=beta)
+    disk = galsim.Exponential(half_light_radius=r_disk, gsparams=_GSPARAMS).shear(g=g, beta=beta)
+    tilt = rng.normal(0.0, 0.25)
+    sed_bulge = _scattered(spec, spec.templates["bulge"], rng, tilt)
+    sed_disk = _scattered(spec, spec.templates["disk"], rng, tilt + tilt_disk)
+    return _Galaxy(flux, float(bulge_frac), x, y, bulge, disk, sed_bulge, sed_disk, float(r_disk), float(g), angle)
+
+
+def _frame(spec: _Survey, oversample: int, x0: float, y0: float, angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates (arcsec) of the padded (sub)pixel grid of `_grid` in a frame centred on `(x0, y0)`
+    and turned by `angle` (radians from +x): `u` along that direction, `v` across it."""
+    y, x = _grid(spec, oversample)
+    x, y = x - x0, y - y0
+    c, s = math.cos(angle), math.sin(angle)
+    return c * x + s * y, -s * x + c * y
+
+
+def _ring(spec: _Survey, rng: np.random.Generator, cond: _Conditions, host: _Galaxy) -> np.ndarray:
+    """A ring of young stars around the host, in the plane of its disk: a collisional ring (an
+    intruder's passage drives an expanding density wave, leaving the nucleus off-centre and the
+    ring lopsided and knotty, as in the Cartwheel) or a resonance ring (centred, smoother).
+
+    Radius 1.5-4 arcsec and at least 2 disk half-light radii (outer rings lie at 2-4 disk scale
+    lengths; resolved by the 0.7" seeing), width 6-15% of the radius, the nucleus up to a quarter
+    radius off its centre, 3-10 star-forming knots, blue (star-forming) colours, and 20-70% of the
+    host's i-band flux (at least 4e3 counts, ~1 sky sigma per pixel along the ring): collisional
+    rings hold most of the blue light of their galaxy, resonance rings tens of percent. Rings are
+    one of Galaxy Zoo's odd features and a classic lens impostor.
+
+    References:
+        | Collisional ring galaxies (Appleton & Struck-Marcell, 1996)
+        | https://ui.adsabs.harvard.edu/abs/1996FCPh...16..111A
+        | Galactic rings (Buta & Combes, 1996)
+        | https://ui.adsabs.harvard.edu/abs/1996FCPh...17...95B
+        | Galactic rings revisited I: CVRHS classifications of 3962 ringed galaxies from Galaxy Zoo 2 (Buta, 2017)
+        | https://ui.adsabs.harvard.edu/abs/2017MNRAS.471.4027B
+    """
+    q = (1.0 - host.g) / (1.0 + host.g)
+    radius = _capped(rng, max(1.5, 2.0 * host.r_disk), min(4.0, 0.6 * spec.half))
+    width = radius * rng.uniform(0.06, 0.15)
+    cx, cy = _polar(rng, 0.0, 0.25 * radius * q, host.x, host.y)  # the nucleus sits off the ring's centre
+    os_ = 2
+    u, v = _frame(spec, os_, cx, cy, host.angle)  # in the disk's frame, projected
+    rho, phi = np.hypot(u, v / q), np.arctan2(v / q, u)  # radius and azimuth in the disk plane
+    # brightness along the ring, tabulated in azimuth: lopsided, with star-forming knots
+    azimuth = np.linspace(-math.pi, math.pi, 721)
+    along = 1.0 + rng.uniform(0.0, 0.6) * np.cos(azimuth - rng.uniform(0.0, 2 * math.pi))
+    for _ in range(int(rng.integers(3, 11))):
+        arc = ((azimuth - rng.uniform(0.0, 2 * math.pi) + math.pi) % (2 * math.pi) - math.pi) * radius  # arcsec
+        along += rng.uniform(0.5, 2.0) * np.exp(-0.5 * (arc / (1.5 * width)) ** 2)
+    shape = np.exp(-0.5 * ((rho - radius) / width) ** 2) * np.interp(phi, azimuth, along)
+    flux = max(4e3, host.flux * _log_uniform(rng, 0.2, 0.7))
+    sed = _scattered(spec, spec.templates["disk"], rng, rng.uniform(-1.0, -0.4))
+    return cond.convolve(_bin(shape, os_), flux * sed)
+
+
+def _dust_host(spec: _Survey, rng: np.random.Generator, host: _Galaxy) -> _Galaxy:
+    """Dust lanes are seen on large, bright galaxies: 70% an inclined disk (axis ratio 0.2-0.45)
+    with a bulge of 30-45% of the light, 30% a nearly round bulge-dominated early type; disk
+    half-light radius 1.5-2.1" (the largest normal galaxies) and i-band flux 2.5e4-8e4, in place
+    of the drawn host: a lane narrower than the seeing across a small galaxy would not be seen."""
+    flux = max(host.flux, _log_uniform(rng, 2.5e4, _FLUX_RANGE[1]))
+    r_disk = _capped(rng, 1.5, min(2.1, 0.4 * spec.half))  # the largest normal galaxies
+    if rng.random() < 0.3:  # a bulge-dominated early type, nearly round
+        return _disk_galaxy(spec, rng, flux, host.x, host.y, r_disk, rng.uniform(0.6, 0.9), rng.uniform(0.75, 0.9),
+                            r_bulge=r_disk * rng.uniform(0.8, 1.2))
+    return _disk_galaxy(spec, rng, flux, host.x, host.y, r_disk, rng.uniform(0.2, 0.45), rng.uniform(0.3, 0.45),
+                        r_bulge=r_disk * rng.uniform(0.4, 0.6))
+
+
+def _host_subpixels(spec: _Survey, host: _Galaxy, oversample: int) -> np.ndarray:
+    """The host's light before the PSF, per band, on the padded subpixel grid of `_grid`:
+    `(B, n, n)` counts per subpixel."""
+    n = (spec.size + 2 * _KERNEL_HALF) * oversample
+
+    def draw(component: galsim.GSObject) -> np.ndarray:
+        return component.shift(host.x, host.y).drawImage(nx=n, ny=n, scale=spec.scale / oversample,
+                                                         method="no_pixel").array
+
+    bulge, disk = draw(host.bulge), draw(host.disk)
+    fb, fd = host.flux * host.bulge_frac, host.flux * (1.0 - host.bulge_frac)
+    return np.stack([fb * sb * bulge + fd * sd * disk for sb, sd in zip(host.sed_bulge, host.sed_disk)])
+
+
+def _dust_lane(spec: _Survey, rng: np.random.Generator, cond: _Conditions, host: _Galaxy) -> np.ndarray:
+    """A dark lane of dust across the host (`_dust_host`): the light it absorbs, a negative
+    component, PSF-convolved. An inclined disk's lane runs along its major axis, shifted towards
+    the near side; an elliptical's (Centaurus A-like, from an accreted gas-rich companion) crosses
+    it at any angle.
+
+    The dust is a screen in front of 80-95% of the light along each line of sight (the stars in
+    front of the midplane are not absorbed), of central optical depth tau_V = 1.5-4, radially
+    exponential with 1.4 times the stellar disk scale length (Xilouris et al., 1999: dust disks
+    are larger than stellar ones and thinner, face-on tau_V < 1 but edge-on lines of sight many
+    times longer), Gaussian across the lane with a width of 18-30% of the disk half-light radius
+    (0.3-0.6"), shifted towards the near side by 0.2-0.8 widths, and with the optical Milky Way
+    extinction law, tau ~ 1/wavelength (the law Xilouris et al. find in edge-on spirals): deepest
+    in the blue bands (tau_g / tau_y ~ 2), so the lane is dark and reddened. An early type's lane
+    is 0.6-1.2 half-light radii long. It removes 20-40% of the host's light, as inclined spirals
+    lose. Dust lanes are a Galaxy Zoo odd feature (Kaviraj et al., 2012, studied 352 early types
+    with one).
+
+    References:
+        | Are spiral galaxies optically thin or thick? (Xilouris et al., 1999)
+        | https://arxiv.org/abs/astro-ph/9901158
+        | The relationship between infrared, optical, and ultraviolet extinction (Cardelli, Clayton & Mathis, 1989)
+        | https://ui.adsabs.harvard.edu/abs/1989ApJ...345..245C
+        | Galaxy Zoo: dust and molecular gas in early-type galaxies with prominent dust lanes (Kaviraj et al., 2012)
+        | https://arxiv.org/abs/1107.5306
+    """
+    os_ = 2
+    light = _host_subpixels(spec, host, os_)
+    if host.bulge_frac > 0.5:  # elliptical: a lane through the centre at any angle, a little shorter
+        angle, length = rng.uniform(0.0, math.pi), host.r_disk * rng.uniform(0.6, 1.2)
+        offset = 0.0
+    else:
+        angle, length = host.angle, 1.4 * host.r_disk / 1.678  # scale length of an exponential disk
+        offset = 1.0
+    u, v = _frame(spec, os_, host.x, host.y, angle)
+    width = host.r_disk * rng.uniform(0.18, 0.3)
+    v0 = offset * rng.choice((-1.0, 1.0)) * rng.uniform(0.2, 0.8) * width  # the near side
+    depth = np.exp(-np.abs(u) / length - 0.5 * ((v - v0) / width) ** 2)
+    tau_v = rng.uniform(1.5, 4.0)
+    behind = rng.uniform(0.8, 0.95)  # the light in front of the lane is not absorbed
+    absorbed = np.stack([band * behind * -np.expm1(-tau_v * (551.0 / wl) * depth)
+                         for band, wl in zip(light, spec.wavelength)])
+    return -cond.blur(_bin_sum(absorbed, os_))
+
+
+def _compact_host(spec: _Survey, rng: np.random.Generator, host: _Galaxy) -> _Galaxy:
+    """Extreme emission-line galaxies are compact star-forming dwarfs: a small (0.25-0.45" half-light
+    radius, within the normal size range), blue, pure disk of i = 21.5-24 in place of the drawn host."""
+    flux = _counts(rng.uniform(21.5, 24.0))
+    return _disk_galaxy(spec, rng, flux, host.x, host.y, rng.uniform(0.25, 0.45), rng.uniform(0.6, 1.0), 0.0,
+                        tilt_disk=rng.uniform(-0.8, -0.3))
+
+
+def _emission_line(spec: _Survey, rng: np.random.Generator, cond: _Conditions, host: _Galaxy) -> np.ndarray:
+    """An extreme emission-line galaxy (green pea, blueberry, HSC "purple" or broad-band-excess
+    galaxy): the [OIII] 4959, 5007 + H-beta complex of a compact starburst (`_compact_host`)
+    lands in one band and raises its flux there, a photometric anomaly with a normal shape.
+
+    The band is drawn among those the line can reach (redder than 500.7 nm at z >= 0), the line
+    redshift uniformly within it; the complex's rest equivalent width is 500-2000 Angstrom
+    (log-uniform), so the band's flux rises by 1 + EW (1 + z) / band width: x1.4-x3.4, i.e.
+    0.4-1.3 mag, as measured for broad-band-excess selected EELGs. The line light has the shape
+    of the star-forming disk.
+
+    References:
+        | Galaxy Zoo green peas: a class of compact extremely star-forming galaxies (Cardamone et al., 2009)
+        | https://doi.org/10.1111/j.1365-2966.2009.15383.x
+        | Extreme emission-line galaxies in CANDELS (van der Wel et al., 2011)
+        | https://arxiv.org/abs/1107.5256
+        | Subaru/HSC z-broadband excess selection of extreme emission line galaxies at z<1 (Rosenwasser et al., 2022)
+        | https://arxiv.org/abs/2201.10562
+        | Anomaly detection in HSC galaxy images with GANs (Storey-Fisher et al., 2021): extreme star-forming galaxies
+        | https://arxiv.org/abs/2105.02434
+    """
+    rest = 500.7  # nm, [OIII] 5007
+    reach = np.flatnonzero(spec.edges[:, 1] > rest)
+    b = int(rng.choice(reach)) if len(reach) else int(rng.integers(len(spec.bands)))
+    lo, hi = spec.edges[b]
+    one_plus_z = max(1.0, rng.uniform(max(lo, rest), hi) / rest)
+    ew = _log_uniform(rng, 50.0, 200.0)  # nm, rest frame
+    excess = ew * one_plus_z / (hi - lo)
+    line = host.disk.withFlux(excess * host.flux * host.sed_disk[b]).shift(host.x, host.y)
+    n = spec.size
+    model = np.zeros((len(spec.bands), n, n))
+    model[b] = galsim.Convolve(line, cond.psf[b]).drawImage(nx=n, ny=n, scale=spec.scale).array
+    return model
+
+
+def _no_host(spec: _Survey, rng: np.random.Generator, host: _Galaxy) -> None:
+    """The anomaly is the central object: no host galaxy; the injector draws it where the host was."""
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _dropout_window(edges: tuple[tuple[float, float], ...]) -> tuple[float, float]:
+    """For band `edges` (nm) sorted by wavelength: the lowest redshift at which the bluest band
+    keeps at most 10% of a Lyman-break galaxy's flux, and the highest at which the reddest keeps
+    at least half of it (the first exceeds the second when there is a single band)."""
+    z = np.linspace(2.0, 8.0, 601)
+    t = np.array([_igm_transmission(np.array(edges), zz) for zz in z])  # (Z, B)
+    lo = z[np.argmax(t[:, 0] <= 0.1)] if (t[:, 0] <= 0.1).any() else z[-1]
+    hi = z[t[:, -1] >= 0.5].max() if (t[:, -1] >= 0.5).any() else z[0]
+    return float(lo), float(hi)
+
+
+def _igm_transmission(edges: np.ndarray, z: float) -> np.ndarray:
+    """Mean intergalactic transmission over each band `(B, 2)` (nm) of a source at redshift `z`:
+    nothing below the Lyman limit, the Lyman-alpha forest's exp(-0.0036 (lambda / 121.6 nm)^3.46)
+    between the limit and Lyman alpha (Madau, 1995), all of it redward. `(B,)`."""
+    lam = edges[:, :1] + (edges[:, 1:] - edges[:, :1]) * (np.arange(64) + 0.5) / 64  # (B, 64) nm
+    forest = np.exp(-0.0036 * (lam / 121.6) ** 3.46)
+    t = np.where(lam < 91.2 * (1 + z), 0.0, np.where(lam < 121.6 * (1 + z), forest, 1.0))
+    return t.mean(axis=1)
+
+
+def _dropout(spec: _Survey, rng: np.random.Generator, cond: _Conditions, host: _Galaxy) -> np.ndarray:
+    """A Lyman-break ("dropout") galaxy at redshift ~3.5-7 in place of the host: compact, faint,
+    with no flux blueward of its redshifted Lyman-alpha line (absorbed by intergalactic hydrogen)
+    and a flat, blue UV continuum redward: it vanishes in the bluest band(s), a photometric anomaly.
+
+    The redshift is uniform over the range where the bluest band keeps at most 10% of the flux
+    and the reddest at least half (z ~ 4-7.2 in grizy: g-, r-, i- and z-dropouts), the UV slope
+    beta = -2.5..-1.5 (f_lambda ~ lambda^beta; mean -2.0 to -2.3 at z ~ 4-7), the continuum AB
+    magnitude 22.5-24 in the reddest band (the bright end of the HSC dropout samples, which reach
+    ~26; a >15 sigma detection even in y here), an exponential profile of half-light radius
+    0.08-0.25" (~0.5-1.5 kpc), barely resolved.
+
+    References:
+        | Radiative transfer in a clumpy universe: the colors of high-redshift galaxies (Madau, 1995)
+        | https://ui.adsabs.harvard.edu/abs/1995ApJ...441...18M
+        | GOLDRUSH I: dropout galaxies at z~4-7 from the HSC-SSP (Ono et al., 2018)
+        | https://arxiv.org/abs/1704.06004
+        | UV continuum slopes of galaxies at z~4-8 (Bouwens et al., 2014)
+        | https://arxiv.org/abs/1306.2950
+        | Sizes of star-forming galaxies at z~0-10 (Shibuya, Ouchi & Harikane, 2015)
+        | https://arxiv.org/abs/1503.07481
+    """
+    order = np.argsort(spec.wavelength)
+    z_lo, z_hi = _dropout_window(tuple(tuple(e) for e in spec.edges[order]))
+    z = _capped(rng, z_lo, z_hi)
+    beta = rng.uniform(-2.5, -1.5)
+    reddest = spec.wavelength[order[-1]]
+    continuum = _counts(rng.uniform(22.5, 24.0)) * (spec.wavelength / reddest) ** (beta + 2.0)
+    fluxes = continuum * _igm_transmission(spec.edges, z)
+    shape = galsim.Exponential(half_light_radius=rng.uniform(0.08, 0.25), gsparams=_GSPARAMS)
+    shape = shape.shear(g=rng.uniform(0.0, 0.3), beta=rng.uniform(0.0, math.pi) * galsim.radians)
+    return cond.draw([shape.withFlux(f).shift(host.x, host.y) for f in fluxes])
+
+
+def _lsb(spec: _Survey, rng: np.random.Generator, cond: _Conditions, host: _Galaxy) -> np.ndarray:
+    """A low-surface-brightness or ultra-diffuse galaxy in place of the host: as large as a bright
+    galaxy, as faint per pixel as the sky noise; 30% have a faint nucleus.
+
+    Central surface brightness mu_0(g) = 23.5-26 mag/arcsec^2 and effective radius 2.5-6"
+    (capped at 0.6 of the half cutout), Sersic index 0.6-1, axis ratio 0.6-1, colour g - i =
+    0.3-1.0: the HSC-SSP LSB galaxies of Greco et al. (2018) span mu_0(g) = 18-27.4 (half fainter
+    than 24.3, 95% fainter than 22), r_eff = 2.5-14", blue and red populations split at g - i =
+    0.64, and include nucleated galaxies; 26 mag/arcsec^2 is ~2 sigma per pixel here, still seen
+    by eye. The nucleus holds 1-5% of the light (an assumption, of the order of dwarf nuclei).
+
+    References:
+        | Illuminating low surface brightness galaxies in the HSC survey (Greco et al., 2018)
+        | https://arxiv.org/abs/1709.04474
+        | Forty-seven Milky Way-sized, extremely diffuse galaxies in the Coma cluster (van Dokkum et al., 2015)
+        | https://arxiv.org/abs/1410.8141
+    """
+    r_eff = _capped(rng, 2.5, min(6.0, 0.6 * spec.half))
+    n_sersic = float(rng.choice((0.6, 0.8, 1.0)))  # a few values: GalSim tabulates each Sersic index once
+    shape = galsim.Sersic(n_sersic, half_light_radius=r_eff, gsparams=_GSPARAMS)
+    shape = shape.shear(q=rng.uniform(0.6, 1.0), beta=rng.uniform(0.0, math.pi) * galsim.radians)
+    g_i = rng.uniform(0.3, 1.0)
+    k_g = int(np.argmin(np.abs(spec.wavelength - _BAND_TABLE["g"][0])))  # the band nearest g
+    slope = -0.4 * g_i / math.log10(_BAND_TABLE["g"][0] / _REF_WAVELENGTH)  # f_nu ~ lambda^slope
+    sed = (spec.wavelength / _BAND_TABLE["g"][0]) ** slope
+    centre = _counts(rng.uniform(23.5, 26.0)) / sed[k_g] * sed  # counts / arcsec^2 at the centre, per band
+    unit_centre = shape.xValue(0.0, 0.0)  # surface brightness of the unit-flux profile at its centre
+    profiles = [shape.withFlux(c / unit_centre) for c in centre]
+    if rng.random() < 0.3:
+        nucleus = _log_uniform(rng, 0.01, 0.05) * profiles[-1].flux / sed[-1]
+        profiles = [p + galsim.DeltaFunction(flux=nucleus * s, gsparams=_GSPARAMS) for p, s in zip(profiles, sed)]
+    return cond.draw([p.shift(host.x, host.y) for p in profiles])
+
+
+def _clumpy_host(spec: _Survey, rng: np.random.Generator, host: _Galaxy) -> _Galaxy:
+    """Clumpy galaxies are large star-forming disks: a resolved (disk half-light radius 1-1.75"),
+    bright, bulge-poor disk in place of the drawn host."""
+    flux = max(host.flux, _log_uniform(rng, 5e3, _FLUX_RANGE[1]))
+    r_disk = _capped(rng, 1.0, min(1.75, 0.4 * spec.half))
+    return _disk_galaxy(spec, rng, flux, host.x, host.y, r_disk, rng.uniform(0.35, 1.0), rng.uniform(0.0, 0.2))
+
+
+def _clumpy(spec: _Survey, rng: np.random.Generator, cond: _Conditions, host: _Galaxy) -> np.ndarray:
+    """Two to six giant star-forming clumps on the host's disk (`_clumpy_host`): compact (0.05-0.15",
+    sub-kiloparsec, unresolved), blue knots at 0.5-1.5 disk half-light radii, in the plane of the disk.
+
+    Each clump holds 5-20% of the host's light in the bluest band (at least 40 sky sigmas there, a
+    ~6 sigma point source): clumps are defined by >= 8% of their galaxy's rest-UV light in CANDELS
+    and by >= 8% (or 3%) of its u-band light in Galaxy Zoo: Clump Scout; their colours are those
+    of young star-forming regions (the blue high-redshift template). The HSC GAN hunt's
+    spectroscopic follow-up was such a system: a dwarf with an extremely blue HII region.
+
+    References:
+        | Clumpy galaxies in CANDELS I (Guo et al., 2015)
+        | https://arxiv.org/abs/1410.7398
+        | Galaxy Zoo: Clump Scout, surveying the local Universe for giant star-forming clumps (Adams et al., 2022)
+        | https://arxiv.org/abs/2201.06581
+        | Anomaly detection in HSC galaxy images with GANs (Storey-Fisher et al., 2021)
+        | https://arxiv.org/abs/2105.02434
+    """
+    q = (1.0 - host.g) / (1.0 + host.g)
+    c, s = math.cos(host.angle), math.sin(host.angle)
+    k = int(np.argmin(spec.wavelength))  # the bluest band
+    blue = host.flux * (host.bulge_frac * host.sed_bulge[k] + (1.0 - host.bulge_frac) * host.sed_disk[k])
+    os_ = 2
+    y, x = _grid(spec, os_)
+    images = np.zeros((len(spec.bands),) + x.shape)
+    for _ in range(int(rng.integers(2, 7))):
+        rho, phi = host.r_disk * rng.uniform(0.5, 1.5), rng.uniform(0.0, 2 * math.pi)
+        u, v = rho * math.cos(phi), rho * math.sin(phi) * q  # in the disk plane, projected
+        px, py = host.x + c * u - s * v, host.y + s * u + c * v
+        sigma = rng.uniform(0.05, 0.15)
+        blob = np.outer(np.exp(-0.5 * ((y[:, 0] - py) / sigma) ** 2), np.exp(-0.5 * ((x[0] - px) / sigma) ** 2))
+        sed = _scattered(spec, spec.templates["arc"], rng, rng.normal(0.0, 0.2))
+        flux = max(40.0 * spec.sky[k], blue * _log_uniform(rng, 0.05, 0.2)) * sed / sed[k]
+        images += flux[:, None, None] * (blob / blob.sum())[None]
+    return cond.blur(_bin_sum(images, os_))
+
+
+# -- instrumental anomalies, deposited on the detector (not seen through the PSF)
+
+
+def _ghost(spec: _Survey, rng: np.random.Generator, cond: _Conditions, host: _Galaxy) -> np.ndarray:
+    """An optical ghost of a bright star outside the cutout: light reflected between the filter, the
+    dewar window and the detector reaches focus far behind it and forms an out-of-focus image of
+    the pupil, a doughnut (the secondary mirror's shadow in the middle, the spider's vanes across)
+    with soft edges, in every band but with colours set by the coatings' reflectivity.
+
+    Outer radius 15-60% of the cutout side (log-uniform), so that it is often cut by the cutout
+    edge; central obscuration 30-50% of it; 0.7-4 sky sigmas per pixel (log-uniform) in the band
+    where it stands out most, i.e. mu ~ 24.7-26.6 mag/arcsec^2 in i: ghosts and scattered light
+    are the commonest impostors in LSB galaxy searches (Tanoglidis et al., 2021), hence as faint
+    as LSB galaxies, and are marked by eye in survey quality control (Melchior et al., 2016).
+    Colour: the star's (3500-10000 K) times a factor exp(N(0, 0.4)) per band (coatings).
+
+    References:
+        | Crowdsourcing quality control for Dark Energy Survey images (Melchior et al., 2016)
+        | https://arxiv.org/abs/1511.03391
+        | DeepGhostBusters: ghosting and scattered-light artifacts in DES (Tanoglidis et al., 2021)
+        | https://arxiv.org/abs/2109.08246
+        | The Hyper Suprime-Cam software pipeline (Bosch et al., 2018), ghosts and scattered light
+        | https://arxiv.org/abs/1705.06766
+    """
+    n = spec.size
+    t = (np.arange(n) - 0.5 * (n - 1)) * spec.scale
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    r_out = _log_uniform(rng, 0.15, 0.6) * n * spec.scale
+    r_in = r_out * rng.uniform(0.3, 0.5)
+    x0, y0 = rng.uniform(-0.5, 0.5, 2) * n * spec.scale
+    soft = rng.uniform(0.1, 0.3)  # arcsec
+    dx, dy = xx - x0, yy - y0
+    r = np.hypot(dx, dy)
+    shape = special.expit((r_out - r) / soft) * special.expit((r - r_in) / soft)
+    vane = rng.uniform(0.0, math.pi / 2)
+    vane_width = r_out * rng.uniform(0.02, 0.04)
+    for k in range(4):  # the spider's shadow: four radial vanes
+        a = vane + k * math.pi / 2
+        along, across = dx * math.cos(a) + dy * math.sin(a), -dx * math.sin(a) + dy * math.cos(a)
+        shape *= 1.0 - 0.8 * (along > 0) * np.exp(-0.5 * (across / vane_width) ** 2)
+    tilt = rng.uniform(0.0, 0.4)  # uneven illumination of the pupil
+    heading = rng.uniform(0.0, 2 * math.pi)
+    shape *= 1.0 + tilt * (dx * math.cos(heading) + dy * math.sin(heading)) / r_out
+    colour = _planck_sed(spec, rng.uniform(3500.0, 10000.0)) * np.exp(rng.normal(0.0, 0.4, len(spec.bands)))
+    strongest = int(np.argmax(colour / spec.sky))  # the band where it stands out most from the sky
+    level = _log_uniform(rng, 0.7, 4.0) * cond.sky[strongest] * colour / colour[strongest]  # counts per pixel
+    return level[:, None, None] * shape[None]
+
+
+def _hot_column(spec: _Survey, rng: np.random.Generator, cond: _Conditions, host: _Galaxy) -> np.ndarray:
+    """A hot (bright) column in one band: a charge trap or hot pixel leaks charge into every pixel
+    clocked through it, raising a one- or two-pixel wide column from the defect to the readout
+    edge; 25% of the time along a row instead (a cutout rotated by 90 degrees, or a serial-register
+    defect). The defect pixel itself is 2-5 times brighter.
+
+    Level 2.5-10 sky sigmas per pixel (log-uniform) with 10% pixel-to-pixel scatter, length at
+    least a quarter of the cutout. Bright and bad columns are flagged by detector masks and by
+    eye in survey quality control ("bright column" in the DES exposure checker); the ones that
+    escape the masks are the faint ones, modelled here as a few sigma per pixel (an assumption:
+    no catalogue gives their amplitudes).
+
+    References:
+        | Crowdsourcing quality control for Dark Energy Survey images (Melchior et al., 2016), "bright column"
+        | https://arxiv.org/abs/1511.03391
+        | Instrumental response model and detrending for the Dark Energy Camera (Bernstein et al., 2017)
+        | https://arxiv.org/abs/1706.09928
+        | Scientific charge-coupled devices (Janesick, 2001): charge traps, hot pixels and columns
+        | https://doi.org/10.1117/3.374903
+    """
+    n = spec.size
+    b = int(rng.integers(len(spec.bands)))
+    shortest = max(2, n // 4)
+    toward_high = rng.random() < 0.5  # the readout edge lies after the defect or before it
+    start = int(rng.integers(0, n - shortest + 1)) if toward_high else int(rng.integers(shortest - 1, n))
+    rows = np.arange(start, n) if toward_high else np.arange(0, start + 1)
+    col = int(rng.integers(0, n))
+    level = _log_uniform(rng, 2.5, 10.0) * cond.sky[b]
+    plane = np.zeros((n, n))
+    for c in range(col, min(n, col + (2 if rng.random() < 0.2 else 1))):
+        plane[rows, c] = level * np.exp(rng.normal(0.0, 0.1, len(rows)))
+        plane[start, c] *= rng.uniform(2.0, 5.0)
+    model = np.zeros((len(spec.bands), n, n))
+    model[b] = plane.T if rng.random() < 0.25 else plane
+    return model
+
+
+def _crosstalk(spec: _Survey, rng: np.random.Generator, cond: _Conditions, host: _Galaxy) -> np.ndarray:
+    """An electronic crosstalk ghost in one band: a saturated star read out by another amplifier
+    leaks a small copy of its image into this one, a flat-topped disc (the saturated core) with a
+    soft edge, sometimes with the copy of its bleed trail; not a source, so in no other band.
+
+    Crosstalk coefficients between amplifiers are ~3e-4-3e-3 (e.g. 0.04-0.28% measured for the
+    CTIO Y4KCam), applied to a saturated core of ~1e5 electrons: up to a few hundred electrons,
+    diluted in a stack of exposures to a few sky sigmas per pixel. Here 2-10 sigma (log-uniform),
+    a core of radius 1.5-4 pixels and, half the time, a bleed copy of 2-6 core radii up and down
+    its column. Pipelines correct most crosstalk; what they miss (non-linear crosstalk from
+    heavily saturated stars) is what remains to be found.
+
+    References:
+        | Instrumental response model and detrending for the Dark Energy Camera (Bernstein et al., 2017)
+        | https://arxiv.org/abs/1706.09928
+        | Cross-talk correction for the Y4KCam (Subasavage, 2011), coefficients between quadrants
+        | http://www.ctio.noirlab.edu/noao/sites/default/files/instruments/imagers/y4kcam_xtalk.txt
+    """
+    n = spec.size
+    b = int(rng.integers(len(spec.bands)))
+    x0, y0 = rng.uniform(0.0, n, 2) - 0.5
+    t = np.arange(n)
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    radius = rng.uniform(1.5, 4.0)
+    r = np.hypot(xx - x0, yy - y0)
+    edge = cond.alpha[b]
+    plane = np.where(r <= radius, 1.0, (1.0 + ((r - radius) / edge) ** 2) ** -_PSF_BETA)
+    if rng.random() < 0.5:
+        half = radius * rng.uniform(2.0, 6.0)
+        plane[(np.abs(xx - x0) <= 0.5) & (np.abs(yy - y0) <= half)] = 1.0
+    model = np.zeros((len(spec.bands), n, n))
+    model[b] = _log_uniform(rng, 2.0, 10.0) * cond.sky[b] * plane
+    return model
+
+
 _Injector = Callable[[_Survey, np.random.Generator, _Conditions, _Galaxy], np.ndarray]
 _INJECTORS: dict[str, _Injector] = {
     "lens": _lens,
@@ -528,6 +1071,27 @@ _INJECTORS: dict[str, _Injector] = {
     "cosmic_ray": _cosmic_ray,
     "saturated_star": _saturated_star,
     "blend_point": _blend_point,
+    "ring": _ring,
+    "dust_lane": _dust_lane,
+    "emission_line": _emission_line,
+    "dropout": _dropout,
+    "lsb": _lsb,
+    "clumpy": _clumpy,
+    "ghost": _ghost,
+    "hot_column": _hot_column,
+    "crosstalk": _crosstalk,
+}
+# Classes whose anomaly needs its own kind of central object: it replaces the drawn host in the
+# scene (drawn from the anomaly's random stream, so normal objects never see it). `None`: the
+# anomaly is the central object itself, drawn by the injector where the host was.
+_HostReplacement = Callable[[_Survey, np.random.Generator, _Galaxy], "_Galaxy | None"]
+_HOSTS: dict[str, _HostReplacement] = {
+    "lens": _lens_host,
+    "dust_lane": _dust_host,
+    "emission_line": _compact_host,
+    "clumpy": _clumpy_host,
+    "dropout": _no_host,
+    "lsb": _no_host,
 }
 
 
@@ -578,9 +1142,8 @@ def _simulate_object(spec: _Survey, index: int, inject: bool = True) -> _Object:
     flux = _log_uniform(rng_scene, *_FLUX_RANGE)
     dx, dy = np.clip(rng_scene.normal(0.0, 0.35, 2), -1.0, 1.0) * spec.scale
     host = _draw_galaxy(spec, rng_scene, flux, float(dx), float(dy))
-    if cls == "lens":
-        host = _lens_host(spec, rng_anom, host)
-    profiles = host.profiles()
+    central = _HOSTS[cls](spec, rng_anom, host) if cls in _HOSTS else host
+    profiles = central.profiles() if central is not None else None
     if rng_scene.random() < 0.2:  # an unrelated neighbour somewhere in the cutout
         nx, ny = _polar(rng_scene, 0.45 * spec.half, 0.85 * spec.half)
         n_flux = flux * _log_uniform(rng_scene, 0.03, 0.6)
@@ -588,16 +1151,20 @@ def _simulate_object(spec: _Survey, index: int, inject: bool = True) -> _Object:
             extra = _draw_galaxy(spec, rng_scene, n_flux, nx, ny).profiles()
         else:
             extra = _star(spec, n_flux, _planck_sed(spec, rng_scene.uniform(3500.0, 9000.0)), nx, ny)
-        profiles = [p + q for p, q in zip(profiles, extra)]
-    model = cond.draw(profiles)
+        profiles = extra if profiles is None else [p + q for p, q in zip(profiles, extra)]
+    model = cond.draw(profiles) if profiles is not None else np.zeros((len(spec.bands), spec.size, spec.size))
 
     footprint = np.zeros((spec.size, spec.size), dtype=bool)
     if cls and inject:
-        anomaly = _INJECTORS[cls](spec, rng_anom, cond, host)
-        peak = anomaly.reshape(len(anomaly), -1).max(axis=1)
-        # where the anomaly rises above the sky noise in any band (its brighter half if it never does)
+        anomaly = _INJECTORS[cls](spec, rng_anom, cond, central if central is not None else host)
+        # where the anomaly (added light, or light taken away: a dust lane) rises above the sky
+        # noise in any band, or its stronger half where it never does; for a class that replaces
+        # the host, where the object departs from a normal galaxy (the whole object when the
+        # anomaly is the object itself)
+        strength = np.abs(anomaly)
+        peak = strength.reshape(len(anomaly), -1).max(axis=1)
         threshold = np.minimum(cond.sky, 0.5 * peak)[:, None, None]
-        footprint = ((anomaly > threshold) & (peak > 0)[:, None, None]).any(axis=0)
+        footprint = ((strength > threshold) & (peak > 0)[:, None, None]).any(axis=0)
         model = model + anomaly
 
     var = cond.sky[:, None, None] ** 2 + np.clip(model, 0.0, None) / _GAIN
