@@ -3,6 +3,11 @@
 Every command fills the one Settings object from its flags, sets up the environment (quiet Prefect
 under $GSAFE_HOME, MLflow on SQLite unless MLFLOW_TRACKING_URI says otherwise) and runs a flow.
 Flows are imported inside the commands, after the environment is set, so `gsafe --help` is instant.
+
+Bad input fails at the edge, before a server or a cluster starts: options with fixed choices are
+checked against the names the code itself knows (read at run time, never copied here), settings
+are validated, a model that does not fit a store is refused in one line. Exit codes: 0 success,
+1 failure at run time, 2 usage or bad input. ``--json`` prints one JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -15,40 +20,189 @@ from typing import Optional
 
 import typer
 
-from infra.errors import GsafeError
+from infra.errors import EXIT_RUNTIME, EXIT_USAGE, GsafeError
 from infra.settings import Settings, get_settings
 
 app = typer.Typer(
     name="gsafe", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
     help="Anomaly hunting in astronomical survey imaging with generative models: calibrated p-values, "
          "false-discovery-controlled candidate lists and explanations for every top anomaly.\n\n"
-         "Quick start: `gsafe demo` simulates a survey with injected anomalies and runs the whole hunt.")
+         "Quick start: `gsafe demo` simulates a survey with injected anomalies and runs the whole hunt.\n\n"
+         "Exit codes: 0 success; 1 failure at run time (a server unreachable, a store lock held too long, "
+         "a crash); 2 usage or bad input (an unknown option value, a missing store or model, a model that "
+         "does not fit the store). Every command takes --json: one JSON object on stdout for scripts "
+         "(on failure: {\"ok\": false, \"error\": ..., \"exit_code\": ...}).")
 
 HOME = typer.Option(None, "--home", help="where gsafe keeps MLflow and Prefect state (env GSAFE_HOME; default ~/.gsafe)")
-VERBOSE = typer.Option(False, "--verbose", "-v", help="show Prefect, Dask and MLflow logs")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="show Prefect, Dask and MLflow logs (and tracebacks)")
 DASK = typer.Option(None, "--dask-address", help="tcp://host:port of an existing Dask scheduler (default: a LocalCluster sized to this machine)")
 WORKERS = typer.Option(None, "--workers", help="workers of the local Dask cluster (default: one per core, or per GPU)")
+JSON = typer.Option(False, "--json", help="print one JSON object on stdout (for scripts) instead of text")
+STORE = typer.Option(..., "--store", help="survey store (path or s3://-style URL)")
+MODEL_REF = typer.Option(..., "--model", help="NAME, NAME@alias or NAME/version")
+_STATE = {"json": False, "verbose": False}
 
 
-def _setup(home: Optional[Path] = None, verbose: bool = False, **overrides) -> Settings:
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("gsafe")
+        except PackageNotFoundError:
+            v = "unknown (not installed: pip install -e .)"
+        typer.echo(f"gsafe {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print gsafe's version and exit")) -> None:
+    pass
+
+
+# ---- fixed choices, read from the code at run time (importing the science only when used) ----
+def _combination(value: str) -> str:
+    from gsafe_models.calibration import CombinedTest
+
+    try:
+        CombinedTest(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e).replace("CombinedTest: method=", "")) from None
+    return value
+
+
+def _representation(value: str) -> str:
+    from gsafe_models.detector import DetectorConfig
+
+    try:
+        DetectorConfig(representation=value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e).replace("DetectorConfig: representation=", "")) from None
+    return value
+
+
+def _statistics(value: str) -> tuple[str, ...]:
+    from gsafe_models.detector import STATISTICS
+
+    names = tuple(x.strip() for x in value.split(",") if x.strip())
+    unknown = [x for x in names if x not in STATISTICS]
+    if unknown or not names:
+        raise typer.BadParameter(f"unknown statistics {unknown or [value]}; choose among {', '.join(STATISTICS)}")
+    return names
+
+
+def _method(value: str) -> str:
+    from gsafe_models.explain import METHODS
+
+    if value not in METHODS:
+        raise typer.BadParameter(f"{value!r} is not an attribution method; choose one of {', '.join(METHODS)}")
+    return value
+
+
+def _model_name(value: str) -> str:
+    from infra.errors import ModelRefError
+    from infra.tracking import check_model_name
+
+    try:
+        return check_model_name(value)
+    except ModelRefError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+_FLAGS = {"chunk_size": "--chunk-size", "max_missing_frac": "--max-missing", "objid_key": "--objid-key",
+          "n_workers": "--workers", "dask_address": "--dask-address", "home": "--home"}
+
+
+def _fail(message: str, code: int) -> None:
+    """End the command: the error on stderr (and as JSON on stdout with --json), exit `code`."""
+    typer.echo(f"gsafe: error: {message}", err=True)
+    if _STATE["json"]:
+        typer.echo(json.dumps({"ok": False, "error": message, "exit_code": code}))
+    raise typer.Exit(code)
+
+
+def _setup(home: Optional[Path] = None, verbose: bool = False, as_json: bool = False, **overrides) -> Settings:
+    """The settings from flags and environment, validated; the environment set up for flows."""
+    from pydantic import ValidationError
+
     from infra.runtime import configure_environment
 
-    s = get_settings(home=home, verbose=verbose or None, **overrides)
+    _STATE.update(json=as_json, verbose=verbose)
+    try:
+        s = get_settings(home=home, verbose=verbose or None, **overrides)
+    except ValidationError as e:
+        what = "; ".join(f"{_FLAGS.get(str(err['loc'][0]), 'GSAFE_' + str(err['loc'][0]).upper())} "
+                         f"{err.get('input')!r}: {err['msg'].lower()}" for err in e.errors())
+        _fail(what, EXIT_USAGE)
     configure_environment(s)
     return s
+
+
+def _guarded(fn, *args, **kwargs):
+    """Call `fn`; gsafe's errors and any other failure end the command in one line, never a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except (typer.Exit, typer.BadParameter, KeyboardInterrupt):
+        raise
+    except GsafeError as e:
+        _fail(str(e), e.exit_code)
+    except Exception as e:  # noqa: BLE001 - the user gets one line; --verbose shows the traceback
+        if _STATE["verbose"]:
+            import traceback
+
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _fail(f"{type(e).__name__}: {first} (an unexpected failure; rerun with --verbose for the traceback)",
+              EXIT_RUNTIME)
 
 
 def _run(fn, *args, **kwargs):
     """Run a flow with one Prefect server for this process and its workers; errors without tracebacks."""
     from infra.runtime import ensure_prefect_server, flow_context
 
-    try:
+    def go():
         ensure_prefect_server(get_settings())
         with flow_context():
             return fn(*args, **kwargs)
-    except GsafeError as e:
-        typer.echo(f"gsafe: error: {e}", err=True)
-        raise typer.Exit(2)
+
+    return _guarded(go)
+
+
+def _resolve(s: Settings, model: str, *stores: str):
+    """The model reference resolved once, and checked against each store, before any flow starts."""
+    from infra import tracking
+    from tasks.score import check_model_fits_store
+
+    def go():
+        tracking.configure(s)
+        ref = tracking.resolve(model)
+        for url in stores:
+            check_model_fits_store(ref, url)
+        return ref
+
+    return _guarded(go)
+
+
+def _emit(result: dict, *lines: str) -> None:
+    """The command's result: `lines` for people, or one JSON object (``ok: true`` + `result`) with --json."""
+    if _STATE["json"]:
+        typer.echo(json.dumps({"ok": True, **result}, default=_jsonable))
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+def _jsonable(v):
+    import numpy as np
+
+    if isinstance(v, (np.integer, np.floating, np.bool_)):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    if hasattr(v, "to_dict"):            # a DataFrame
+        return v.to_dict(orient="records")
+    return str(v)
 
 
 def _settings_dict(s: Settings) -> dict:
@@ -56,36 +210,32 @@ def _settings_dict(s: Settings) -> dict:
 
 
 @app.command()
-def simulate(n: int = typer.Option(2000, "--n", help="number of objects"),
-             anomaly_frac: float = typer.Option(0.05, "--anomaly-frac", help="share of objects with an injected anomaly"),
-             seed: int = typer.Option(0, "--seed", help="same seed, same survey"),
+def simulate(n: int = typer.Option(2000, "--n", min=1, help="number of objects"),
+             anomaly_frac: float = typer.Option(0.05, "--anomaly-frac", min=0.0, max=1.0, help="share of objects with an injected anomaly"),
+             seed: int = typer.Option(0, "--seed", min=0, help="same seed, same survey"),
              fits: Optional[Path] = typer.Option(None, "--fits", help="write one FITS cube per object in this directory (truth table beside it: DIR_truth.fits)"),
              store: Optional[str] = typer.Option(None, "--store", help="write a survey store directly (labels in its catalog)"),
              classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated anomaly classes to inject (default: all)"),
-             home: Optional[Path] = HOME, verbose: bool = VERBOSE):
+             home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
     """Simulate a multi-band survey (GalSim: bulge+disk galaxies, PSF, sky noise) with injected anomalies
     (lenses, mergers, trails, cosmic rays, saturated stars, blends)."""
-    s = _setup(home, verbose)
+    s = _setup(home, verbose, as_json)
     from gsafe_models.simulate import ANOMALY_CLASSES
     from tasks.simulate import simulate_survey
 
     if (fits is None) == (store is None):
-        typer.echo("gsafe simulate: give exactly one of --fits DIR or --store S.zarr", err=True)
-        raise typer.Exit(2)
+        _fail("simulate: give exactly one of --fits DIR or --store S.zarr", EXIT_USAGE)
     cls = tuple(c.strip() for c in classes.split(",")) if classes else ANOMALY_CLASSES
     bad = [c for c in cls if c not in ANOMALY_CLASSES]
     if bad:
-        typer.echo(f"gsafe simulate: unknown classes {bad}; known: {', '.join(ANOMALY_CLASSES)}", err=True)
-        raise typer.Exit(2)
+        _fail(f"simulate: unknown classes {bad}; known: {', '.join(ANOMALY_CLASSES)}", EXIT_USAGE)
     t0 = time.perf_counter()
-    try:
-        r = simulate_survey(n, settings=s, seed=seed, anomaly_frac=anomaly_frac, store=store,
-                            fits_dir=str(fits) if fits else None, classes=cls)
-    except GsafeError as e:
-        typer.echo(f"gsafe: error: {e}", err=True)
-        raise typer.Exit(2)
+    r = _guarded(simulate_survey, n, settings=s, seed=seed, anomaly_frac=anomaly_frac, store=store,
+                 fits_dir=str(fits) if fits else None, classes=cls)
     where = store or f"{fits}/ (truth: {r['truth']})"
-    typer.echo(f"simulate: {n} objects ({r['anomalies']} anomalies) → {where} in {time.perf_counter() - t0:.1f} s")
+    seconds = time.perf_counter() - t0
+    _emit({"command": "simulate", "n": n, **r, "store": store, "fits": fits, "seconds": seconds},
+          f"simulate: {n} objects ({r['anomalies']} anomalies) → {where} in {seconds:.1f} s")
 
 
 @app.command()
@@ -96,165 +246,178 @@ def ingest(source: str = typer.Argument(..., help="a directory of FITS cutouts, 
            chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="cutouts per store chunk (new stores)"),
            max_missing: Optional[float] = typer.Option(None, "--max-missing", help="quarantine cutouts with a larger share of non-finite pixels (default 0.25)"),
            objid_key: Optional[str] = typer.Option(None, "--objid-key", help="FITS header keyword of the object id (default OBJID)"),
-           home: Optional[Path] = HOME, verbose: bool = VERBOSE):
+           home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
     """Validate and add cutouts to a survey store. Bad input goes to the store's quarantine with its reason;
-    objects already in the store are skipped, so re-running adds nothing twice."""
-    s = _setup(home, verbose, chunk_size=chunk_size, max_missing_frac=max_missing, objid_key=objid_key)
+    objects already in the store are skipped, so re-running adds nothing twice. Safe to run while
+    another ingest or a campaign uses the same store (one writer at a time)."""
+    s = _setup(home, verbose, as_json, chunk_size=chunk_size, max_missing_frac=max_missing, objid_key=objid_key)
     from flows.ingest import ingest_flow
 
     r = _run(ingest_flow, source, store, _settings_dict(s), catalog=catalog, labels=labels)
-    typer.echo(r["line"] + (f"; labels joined for {r['labelled']} objects from {r['truth']}" if "labelled" in r else ""))
+    _emit({"command": "ingest", "store": store, **r},
+          r["line"] + (f"; labels joined for {r['labelled']} objects from {r['truth']}" if "labelled" in r else ""))
 
 
 @app.command()
 def train(store: str = typer.Option(..., "--store", help="survey store to learn 'normal' from"),
-          model: str = typer.Option(..., "--model", help="registered model name; a new version gets alias 'challenger'"),
-          seed: int = typer.Option(0, "--seed"),
-          epochs: Optional[int] = typer.Option(None, "--epochs", help="maximum epochs (early stopping on a validation split)"),
-          representation: Optional[str] = typer.Option(None, "--representation", help="ae or vae"),
-          latent_dim: Optional[int] = typer.Option(None, "--latent-dim"),
-          beta: Optional[float] = typer.Option(None, "--beta", help="VAE β"),
-          statistics: Optional[str] = typer.Option(None, "--statistics", help="comma-separated score statistics (default: the benchmark's best set)"),
-          combination: Optional[str] = typer.Option(None, "--combination", help="fisher, stouffer, simes, bonferroni, cauchy or dose"),
-          calibration_trim: Optional[float] = typer.Option(None, "--calibration-trim", help="largest share of calibration values that may be dropped as outliers (the anomalies a 'normal' set holds; default 0.05, 0 keeps all)"),
-          home: Optional[Path] = HOME, verbose: bool = VERBOSE):
+          model: str = typer.Option(..., "--model", parser=_model_name, help="registered model name (letters, digits, . _ -); a new version gets alias 'challenger'"),
+          seed: int = typer.Option(0, "--seed", min=0, help="seeds weights, data order, densities and calibration folds: same seed, same model"),
+          epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="maximum epochs (early stopping on a validation split)"),
+          representation: Optional[str] = typer.Option(None, "--representation", parser=_representation, help="the representation network: ae (autoencoder, default) or vae"),
+          latent_dim: Optional[int] = typer.Option(None, "--latent-dim", min=1, help="size of the latent space (default 32)"),
+          beta: Optional[float] = typer.Option(None, "--beta", min=0.0, help="VAE β: weight of the KL term (default 1)"),
+          statistics: Optional[str] = typer.Option(None, "--statistics", parser=_statistics, help="comma-separated score statistics, among the Detector's (an unknown one lists them; default: the benchmark's best set)"),
+          combination: Optional[str] = typer.Option(None, "--combination", parser=_combination, help="rule combining the statistics' p-values: simes (default), bonferroni, fisher, stouffer, cauchy, dose... (an unknown one lists them)"),
+          calibration_trim: Optional[float] = typer.Option(None, "--calibration-trim", min=0.0, max=0.5, help="largest share of calibration values that may be dropped as outliers (the anomalies a 'normal' set holds; default 0.05, 0 keeps all)"),
+          home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
     """Train a Detector (representation + latent densities + calibrated combined test) on a store,
     log the run to MLflow and register the Detector as a new model version."""
-    s = _setup(home, verbose)
+    s = _setup(home, verbose, as_json)
     from flows.train import train_flow
+    from infra.store import SurveyStore
 
     cfg = {"seed": seed, "epochs": epochs, "representation": representation, "latent_dim": latent_dim,
-           "beta": beta, "combination": combination, "calibration_trim": calibration_trim,
-           "statistics": tuple(x.strip() for x in statistics.split(",")) if statistics else None}
-    r = _run(train_flow, store, model, {k: v for k, v in cfg.items() if v is not None}, _settings_dict(s))
+           "beta": beta, "combination": combination, "calibration_trim": calibration_trim, "statistics": statistics}
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    _guarded(SurveyStore.open, store)              # a missing store fails here, not after the server started
+    r = _run(train_flow, store, model, cfg, _settings_dict(s))
     m = " ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items() if k in ("val_auroc", "calibration_ks"))
-    typer.echo(f"train: registered {model} version {r['version']} (alias challenger) {m}".rstrip())
+    _emit({"command": "train", **r}, f"train: registered {model} version {r['version']} (alias challenger) {m}".rstrip())
 
 
 @app.command()
-def score(store: str = typer.Option(..., "--store"),
-          model: str = typer.Option(..., "--model", help="NAME, NAME@alias or NAME/version"),
+def score(store: str = STORE,
+          model: str = MODEL_REF,
           out: Optional[Path] = typer.Option(None, "--out", help="CSV (or .parquet) of object_id, score, p_value, q_value and one column per statistic"),
           dask_address: Optional[str] = DASK, workers: Optional[int] = WORKERS,
-          home: Optional[Path] = HOME, verbose: bool = VERBOSE):
+          home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
     """A reprocessing campaign: score every object of a store, chunk-parallel on Dask. Killed and
-    restarted, it redoes only unfinished chunks."""
-    s = _setup(home, verbose, dask_address=dask_address, n_workers=workers)
+    restarted, it redoes only unfinished chunks; run alongside an ingest, it scores what is committed."""
+    s = _setup(home, verbose, as_json, dask_address=dask_address, n_workers=workers)
     from flows.score import run_campaign
-    from infra import tracking
     from infra.store import SurveyStore
     from tasks.score import read_scores
 
-    def go():
-        tracking.configure(s)
-        ref = tracking.resolve(model)
-        r = run_campaign(store, ref.name, ref.version, s)
-        return ref, r
+    ref = _resolve(s, model, store)
+    r = _run(run_campaign, store, ref.name, ref.version, s)
 
-    ref, r = _run(go)
-    st = SurveyStore.open(store)
-    table = st.score_table(ref.name, ref.version)
-    if out:  # the whole table in memory only when asked for it
-        df = read_scores(st, table)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        df.to_parquet(out, index=False) if out.suffix == ".parquet" else df.to_csv(out, index=False)
-    n_sig = sum(int((table.read(["q_value"], i, i + st.chunk_size)["q_value"] <= 0.1).sum())
-                for i in range(0, table.n, st.chunk_size))
-    typer.echo(f"score: {r['n']} objects with {ref} ({r['chunks_scored']} chunks scored now) in {r['seconds']:.1f} s; "
-               f"{n_sig} candidates at q ≤ 0.1" + (f"; table → {out}" if out else ""))
+    def report():
+        st = SurveyStore.open(store)
+        table = st.score_table(ref.name, ref.version)
+        if out:  # the whole table in memory only when asked for it
+            df = read_scores(st, table)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            df.to_parquet(out, index=False) if out.suffix == ".parquet" else df.to_csv(out, index=False)
+        return sum(int((table.read(["q_value"], i, i + st.chunk_size)["q_value"] <= 0.1).sum())
+                   for i in range(0, table.n, st.chunk_size))
+
+    n_sig = _guarded(report)
+    _emit({"command": "score", "model": ref.name, "version": ref.version, **r, "candidates_q_0.1": n_sig,
+           "out": str(out) if out else None},
+          f"score: {r['n']} objects with {ref} ({r['chunks_scored']} chunks scored now) in {r['seconds']:.1f} s; "
+          f"{n_sig} candidates at q ≤ 0.1" + (f"; table → {out}" if out else ""))
 
 
 @app.command()
-def explain(store: str = typer.Option(..., "--store"),
-            model: str = typer.Option(..., "--model", help="NAME, NAME@alias or NAME/version"),
-            top_k: int = typer.Option(50, "--top-k", help="explain the k most anomalous objects"),
+def explain(store: str = STORE,
+            model: str = MODEL_REF,
+            top_k: int = typer.Option(50, "--top-k", min=1, help="explain the k most anomalous objects"),
             out: Path = typer.Option(Path("report"), "--out", help="output directory of the gallery"),
-            method: str = typer.Option("integrated_gradients", "--method", help="attribution: integrated_gradients, occlusion, lex or residual"),
-            home: Optional[Path] = HOME, verbose: bool = VERBOSE):
+            method: str = typer.Option("integrated_gradients", "--method", parser=_method, help="attribution: integrated_gradients, occlusion, lex or residual (an unknown one lists them)"),
+            home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
     """Write the anomaly gallery of the top-k objects: colour composite, reconstruction, residual,
     attribution map, statistics, p/q-values, neighbours, latent map (HTML + PNG + CSV/Parquet)."""
-    s = _setup(home, verbose)
+    s = _setup(home, verbose, as_json)
     from flows.explain import explain_flow
-    from infra import tracking
 
-    def go():
-        tracking.configure(s)
-        ref = tracking.resolve(model)
-        return explain_flow(store, ref.name, ref.version, top_k, str(out), _settings_dict(s), method=method)
-
-    r = _run(go)
-    typer.echo(f"explain: {r['cards']} cards → {r['index']}")
+    ref = _resolve(s, model, store)
+    r = _run(explain_flow, store, ref.name, ref.version, top_k, str(out), _settings_dict(s), method=method)
+    _emit({"command": "explain", "model": ref.name, "version": ref.version, **r},
+          f"explain: {r['cards']} cards → {r['index']}")
 
 
 @app.command()
-def promote(model: str = typer.Option(..., "--model", help="registered model name"),
+def promote(model: str = typer.Option(..., "--model", parser=_model_name, help="registered model name (its @challenger is judged)"),
             validation: str = typer.Option(..., "--validation", help="labelled validation store"),
-            tolerance: float = typer.Option(0.0, "--tolerance", help="AUROC the challenger may lose and still be promoted"),
+            tolerance: float = typer.Option(0.0, "--tolerance", min=0.0, max=1.0, help="AUROC the challenger may lose and still be promoted"),
             dask_address: Optional[str] = DASK, workers: Optional[int] = WORKERS,
-            home: Optional[Path] = HOME, verbose: bool = VERBOSE):
+            home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
     """Score challenger and champion on the same validation store; move alias 'champion' to the
     challenger only if it detects at least as well and stays calibrated. Decision recorded as tags."""
-    s = _setup(home, verbose, dask_address=dask_address, n_workers=workers)
+    s = _setup(home, verbose, as_json, dask_address=dask_address, n_workers=workers)
     from flows.promote import promote_flow
 
+    _resolve(s, f"{model}@challenger", validation)
     r = _run(promote_flow, model, validation, _settings_dict(s), tolerance=tolerance)
-    typer.echo(f"promote: {r['decision']} version {r['challenger']}: {r['reason']} "
-               f"(champion now {r['champion_after']})")
+    _emit({"command": "promote", **r}, f"promote: {r['decision']} version {r['challenger']}: {r['reason']} "
+                                       f"(champion now {r['champion_after']})")
 
 
 @app.command()
-def hunt(store: str = typer.Option(..., "--store"),
-         model: str = typer.Option(..., "--model", help="usually NAME@champion"),
+def hunt(store: str = STORE,
+         model: str = typer.Option(..., "--model", help="NAME, NAME@alias or NAME/version; usually NAME@champion"),
          source: Optional[str] = typer.Option(None, "--source", help="new cutouts to ingest first (dir of FITS, .npy...)"),
-         out: Path = typer.Option(Path("hunt_out"), "--out"),
-         alpha: float = typer.Option(0.1, "--alpha", help="false discovery rate of the candidate list"),
-         top_k: int = typer.Option(50, "--top-k"),
+         out: Path = typer.Option(Path("hunt_out"), "--out", help="where candidates.csv and the gallery (report/) go"),
+         alpha: float = typer.Option(0.1, "--alpha", min=1e-6, max=1.0, help="false discovery rate of the candidate list"),
+         top_k: int = typer.Option(50, "--top-k", min=1, help="new objects explained in the gallery (most anomalous first)"),
          dask_address: Optional[str] = DASK, workers: Optional[int] = WORKERS,
-         home: Optional[Path] = HOME, verbose: bool = VERBOSE):
-    """Ingest new files, score only what is new, write the FDR-controlled candidate list and the gallery."""
-    s = _setup(home, verbose, dask_address=dask_address, n_workers=workers)
+         home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
+    """Ingest new files, score only what is new, write the FDR-controlled candidate list and the gallery;
+    test the new objects for drift (an alarm when they are unlike the calibration data)."""
+    s = _setup(home, verbose, as_json, dask_address=dask_address, n_workers=workers)
     from flows.hunt import hunt_flow
+    from infra.store import SurveyStore
 
+    if _guarded(SurveyStore.exists, store):
+        _resolve(s, model, store)
     r = _run(hunt_flow, store, model, _settings_dict(s), source=source, out=str(out), alpha=alpha, top_k=top_k)
-    typer.echo(r["message"])
+    _emit({"command": "hunt", **r}, r["message"])
 
 
 @app.command()
 def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="schedule of the hunt (cron syntax, UTC)"),
-          store: str = typer.Option(..., "--store"),
-          model: str = typer.Option(..., "--model"),
+          store: str = STORE,
+          model: str = typer.Option(..., "--model", help="NAME, NAME@alias or NAME/version; usually NAME@champion (resolved at each hunt)"),
           source: Optional[str] = typer.Option(None, "--source", help="directory watched for new cutouts"),
-          out: Path = typer.Option(Path("hunt_out"), "--out"),
-          alpha: float = typer.Option(0.1, "--alpha", help="false discovery rate of the candidate list"),
-          top_k: int = typer.Option(50, "--top-k", help="objects explained in each hunt's gallery"),
-          home: Optional[Path] = HOME, verbose: bool = VERBOSE):
-    """Serve the hunt as a scheduled Prefect deployment. Starts a Prefect server unless PREFECT_API_URL
-    is set (a temporary server never fires schedules). Stop with Ctrl-C or SIGTERM."""
-    s = _setup(home, verbose)
-    from flows.serve import serve_hunt
+          out: Path = typer.Option(Path("hunt_out"), "--out", help="where each hunt writes candidates.csv and the gallery"),
+          alpha: float = typer.Option(0.1, "--alpha", min=1e-6, max=1.0, help="false discovery rate of the candidate list"),
+          top_k: int = typer.Option(50, "--top-k", min=1, help="objects explained in each hunt's gallery"),
+          home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
+    """Serve the hunt as a scheduled Prefect deployment, one run at a time (a run that finds the last
+    one still going is cancelled). Starts a Prefect server unless PREFECT_API_URL is set (a temporary
+    server never fires schedules). Stop with Ctrl-C or SIGTERM. With --json, one JSON object once serving."""
+    s = _setup(home, verbose, as_json)
+    from prefect.client.schemas.schedules import CronSchedule   # Prefect's own check of the schedule
+    from pydantic import ValidationError
 
     try:
-        serve_hunt(s, cron=cron, store_url=store, model=model, source=source, out=str(out), alpha=alpha, top_k=top_k)
-    except GsafeError as e:
-        typer.echo(f"gsafe: error: {e}", err=True)
-        raise typer.Exit(2)
+        CronSchedule(cron=cron)
+    except ValidationError:
+        _fail(f"serve: --cron {cron!r} is not a cron schedule (minute hour day month weekday, e.g. '0 3 * * *')", EXIT_USAGE)
+    from flows.serve import serve_hunt
+
+    _guarded(serve_hunt, s, cron=cron, store_url=store, model=model, source=source, out=str(out), alpha=alpha,
+             top_k=top_k, announce=(lambda info: _emit({"command": "serve", **info})) if as_json else None)
 
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="where the survey, scores and report go"),
-         n: int = typer.Option(4000, "--n", help="objects in the simulated survey"),
-         anomaly_frac: float = typer.Option(0.05, "--anomaly-frac"),
-         epochs: Optional[int] = typer.Option(None, "--epochs"),
-         seed: int = typer.Option(0, "--seed"),
-         top_k: int = typer.Option(24, "--top-k"),
-         home: Optional[Path] = HOME, verbose: bool = VERBOSE):
+         n: int = typer.Option(4000, "--n", min=100, help="objects in the simulated survey"),
+         anomaly_frac: float = typer.Option(0.05, "--anomaly-frac", min=0.0, max=1.0, help="share of objects with an injected anomaly"),
+         epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="maximum training epochs (default 20, early stopping)"),
+         seed: int = typer.Option(0, "--seed", min=0, help="same seed, same survey and model"),
+         top_k: int = typer.Option(24, "--top-k", min=1, help="objects explained in the gallery"),
+         home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
     """The whole hunt on a simulated survey: simulate → ingest → train → score → AUROC → gallery."""
-    s = _setup(home or out / ".gsafe", verbose)
+    s = _setup(home or out / ".gsafe", verbose, as_json)
     from flows.demo import demo_flow
 
     t0 = time.perf_counter()
     cfg = {"seed": seed} | ({"epochs": epochs} if epochs else {})
     r = _run(demo_flow, str(out), _settings_dict(s), n=n, anomaly_frac=anomaly_frac, seed=seed, config=cfg, top_k=top_k)
+    if as_json:
+        _emit({"command": "demo", "auroc": r["per_class"]["all"]["auroc"], "seconds": time.perf_counter() - t0, **r})
+        return
     typer.echo(r["ingest"]["line"])
     typer.echo(f"model {r['model']} registered (alias challenger) in {s.tracking_uri}")
     typer.echo("\ntop candidates:")
@@ -269,28 +432,30 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="where the sur
 
 
 @app.command()
-def info(store: str = typer.Argument(..., help="survey store"), home: Optional[Path] = HOME):
+def info(store: str = typer.Argument(..., help="survey store"), home: Optional[Path] = HOME,
+         as_json: bool = JSON):
     """Summarise a store: size, bands, catalog columns, quarantine reasons, scoring campaigns."""
-    _setup(home, False)
+    _setup(home, False, as_json)
     from collections import Counter
 
     from infra.store import SurveyStore
 
-    try:
-        st = SurveyStore.open(store)
-    except GsafeError as e:
-        typer.echo(f"gsafe: error: {e}", err=True)
-        raise typer.Exit(2)
+    st = _guarded(SurveyStore.open, store)
     q = st.read_quarantine()
-    typer.echo(f"{store}: {st.n} objects, bands {','.join(st.bands)}, cutouts {st.image_shape[1]}×{st.image_shape[2]}, "
-               f"chunk {st.chunk_size}")
-    typer.echo(f"catalog: {', '.join(st.columns)}")
-    typer.echo(f"quarantine: {len(q['source'])} inputs")
-    for reason, k in Counter(r.split(':')[0] for r in q["reason"]).most_common(10):
-        typer.echo(f"  {k:6d}  {reason}")
-    for m, v in st.score_tables():
-        t = st.score_table(m, v)
-        typer.echo(f"scores {m}/{v}: {t.n} rows, {len(t.pending_chunks())} chunks pending")
+    reasons = Counter(r.split(':')[0] for r in q["reason"]).most_common(10)
+    tables = [(m, v, st.score_table(m, v)) for m, v in st.score_tables()]
+    result = {"command": "info", "store": store, "n": st.n, "bands": list(st.bands), "height": st.image_shape[1],
+              "width": st.image_shape[2], "chunk_size": st.chunk_size, "columns": st.columns,
+              "quarantined": len(q["source"]), "quarantine_reasons": dict(reasons),
+              "campaigns": [{"model": m, "version": v, "rows": t.n, "pending_chunks": len(t.pending_chunks())}
+                            for m, v, t in tables]}
+    _emit(result,
+          f"{store}: {st.n} objects, bands {','.join(st.bands)}, cutouts {st.image_shape[1]}×{st.image_shape[2]}, "
+          f"chunk {st.chunk_size}",
+          f"catalog: {', '.join(st.columns)}",
+          f"quarantine: {len(q['source'])} inputs",
+          *(f"  {k:6d}  {reason}" for reason, k in reasons),
+          *(f"scores {m}/{v}: {t.n} rows, {len(t.pending_chunks())} chunks pending" for m, v, t in tables))
 
 
 from review.cli import review as _review  # noqa: E402  (import-light: typer only)

@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 
 from infra import tracking
 from infra.runtime import gpu_count, worker_threads
-from infra.errors import StoreError
+from infra.errors import GsafeError, StoreError, UsageError
 from infra.settings import Settings
 from infra.store import SurveyStore
-from tasks.score import finalize_campaign_task, load_detector, load_payload_task, prepare_campaign_task, score_chunk_task
+from tasks.score import finalize_campaign_task, fit_problem, load_detector, load_payload_task, prepare_campaign_task, score_chunk_task
 
 __all__ = ["score_flow"]
 
@@ -27,6 +27,9 @@ def score_flow(store_url: str, name: str, version: int, settings: dict) -> dict:
     t0 = time.perf_counter()
     payload = load_payload_task(name, version)
     det = load_detector(payload)
+    problem = fit_problem(det.bands, det.image_shape, SurveyStore.open(store_url), f"{name}/{version}")
+    if problem:   # here, not inside a Dask task that would retry it
+        raise UsageError(problem)
     model, scored = None, 0
     # An ingest running alongside may grow a chunk while it is scored: that chunk stays pending
     # (ScoreTable.write_chunk) and the next round scores it whole, up to the rows committed then.
@@ -45,7 +48,7 @@ def score_flow(store_url: str, name: str, version: int, settings: dict) -> dict:
                 bar.update(f.result())
         scored += len(pending)
     else:
-        raise StoreError(f"score: {store_url} kept growing during {_ROUNDS} rounds of scoring {name}/{version}; "
+        raise GsafeError(f"score: {store_url} kept growing during {_ROUNDS} rounds of scoring {name}/{version}; "
                          f"what is scored is kept: run `gsafe score` again once the ingest is done")
     finalize_campaign_task(store_url, name, version)
     return {"n": store_rows(store_url, name, version), "chunks_scored": scored, "seconds": time.perf_counter() - t0}

@@ -1,5 +1,8 @@
 """`gsafe serve`: the hunt as a Prefect deployment on a cron schedule, against a real Prefect server.
 
+The deployment has a concurrency limit of one run (Prefect's deployment concurrency limit,
+collision strategy CANCEL_NEW), so a hunt that outlasts its period never overlaps the next.
+
 A temporary (ephemeral) server registers schedules but never fires them (see ../shared/STACK.md), so
 unless PREFECT_API_URL is set we start `prefect server start` ourselves and stop it on exit.
 """
@@ -14,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Callable
 
 from infra.errors import GsafeError
 from infra.settings import Settings
@@ -59,18 +63,29 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def serve_hunt(settings: Settings, *, cron: str, store_url: str, model: str, source: str | None, out: str,
-               alpha: float = 0.1, top_k: int = 50) -> None:
+               alpha: float = 0.1, top_k: int = 50, announce: Callable[[dict], None] | None = None) -> None:
+    """Serve the hunt until stopped. Progress lines go to stdout, or, with `announce`, to stderr while
+    `announce` gets one dict (api_url, deployment, cron...) once serving (the CLI's --json)."""
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if announce else (lambda m: print(m, flush=True))
     proc = None
     if not os.environ.get("PREFECT_API_URL"):
         proc, api = start_prefect_server()
         os.environ["PREFECT_API_URL"] = api
-        print(f"serve: started a Prefect server at {api} (set PREFECT_API_URL to use your own)", flush=True)
+        say(f"serve: started a Prefect server at {api} (set PREFECT_API_URL to use your own)")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         from flows.hunt import hunt_flow
 
-        print(f"serve: hunt of {store_url} with {model} on schedule '{cron}' (UTC); Ctrl-C to stop", flush=True)
-        hunt_flow.serve(name="gsafe-hunt", cron=cron,
+        say(f"serve: hunt of {store_url} with {model} on schedule '{cron}' (UTC); Ctrl-C to stop")
+        if announce:
+            announce({"api_url": os.environ["PREFECT_API_URL"], "deployment": "hunt/gsafe-hunt", "cron": cron,
+                      "store": store_url, "model": model, "concurrency_limit": 1})
+        from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+        # one hunt at a time: a scheduled run that finds the previous one still going is cancelled,
+        # not queued (the next hunt lists whatever it would have: new objects stay new until listed)
+        one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+        hunt_flow.serve(name="gsafe-hunt", cron=cron, global_limit=one_at_a_time, print_starting_message=not announce,
                         parameters={"store_url": store_url, "model": model, "settings": settings.model_dump(mode="json"),
                                     "source": source, "out": out, "alpha": alpha, "top_k": top_k})
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ def train_flow(store_url: str, name: str, config: dict, settings: dict) -> dict:
     import mlflow
 
     s = Settings(**settings)
+    tracking.check_model_name(name)          # before hours of training, not at registration
     tracking.configure(s)
     exp = tracking.experiment_for_store(store_url, s)
     with mlflow.start_run(experiment_id=exp, run_name=f"train-{name}") as run:

@@ -39,7 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from infra.errors import StoreError
+from infra.errors import EXIT_RUNTIME, StoreError
 
 __all__ = ["lock_url_for", "store_lock", "LockTimeout", "LeaseLost"]
 
@@ -54,9 +54,13 @@ DEFAULT_TTL = 60.0
 class LockTimeout(StoreError):
     """Another writer held the store's lock for longer than we were willing to wait."""
 
+    exit_code = EXIT_RUNTIME
+
 
 class LeaseLost(StoreError):
     """An object-store lease expired or was taken over while we held it: our write is abandoned."""
+
+    exit_code = EXIT_RUNTIME
 
 
 def _scheme(url: str) -> str:

@@ -56,12 +56,17 @@ _settings: Settings | None = None
 
 
 def get_settings(**overrides) -> Settings:
-    """The process-wide settings; `overrides` (from CLI flags) replace fields that are not None."""
+    """The process-wide settings; `overrides` (from CLI flags) replace fields that are not None.
+
+    Overrides are validated like the environment (``--chunk-size 0`` fails here, not in a flow).
+
+    Raises:
+        pydantic.ValidationError: a value (flag or ``GSAFE_*`` variable) out of its range.
+    """
     global _settings
     if _settings is None or overrides:
-        base = Settings()
         upd = {k: v for k, v in overrides.items() if v is not None}
-        _settings = base.model_copy(update=upd) if upd else base
+        _settings = Settings(**upd)   # init values win over the environment, and are validated
     return _settings
 
 

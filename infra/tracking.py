@@ -87,6 +87,15 @@ def _store_key(store_url: str) -> str:
     return f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
 
 
+def check_model_name(name: str) -> str:
+    """`name` if references can name it (``NAME``, ``NAME@alias``, ``NAME/version``), else `ModelRefError`."""
+    m = _REF.match(name)
+    if not m or m.group("alias") or m.group("version"):
+        raise ModelRefError(f"model name {name!r}: use letters, digits, '.', '_' and '-' only (it is named later as "
+                            f"NAME, NAME@alias or NAME/version), e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '_', name) or 'my_model'!r}")
+    return name
+
+
 def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
     """``NAME[@alias|/version]`` -> (name, alias, version)."""
     m = _REF.match(ref.strip())

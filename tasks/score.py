@@ -14,10 +14,11 @@ from gsafe_models.calibration import bh_qvalues
 from gsafe_models.detector import Detector
 from gsafe_models.uniformity import drift_check
 from infra import tracking
+from infra.errors import UsageError
 from infra.store import ScoreTable, SurveyStore
 
 __all__ = ["load_detector", "load_payload_task", "prepare_campaign_task", "score_chunk_task", "finalize_campaign_task",
-           "drift_task", "null_calibration_size", "batch_keys"]
+           "drift_task", "null_calibration_size", "batch_keys", "fit_problem", "check_model_fits_store"]
 
 log = logging.getLogger("gsafe.score")
 _DETECTORS: dict[str, Detector] = {}   # per worker process: a model is deserialised once, not once per chunk
@@ -75,6 +76,38 @@ def finalize_campaign_task(store_url: str, name: str, version: int) -> dict:
     table.write_column("q_value", bh_qvalues(p))
     table.group.attrs["q_rows"] = table.n
     return {"n": table.n}
+
+
+def _generic(bands) -> bool:
+    """Band names a store gets when its source does not name them (b0, b1... / band0, band1...)."""
+    import re
+
+    return all(re.fullmatch(r"b(and)?\d+", b) for b in bands)
+
+
+def fit_problem(bands, image_shape, store: SurveyStore, model: str) -> str | None:
+    """Why a detector of `bands` and `image_shape` (B, H, W) cannot score `store`, in one line, or None."""
+    bands, shape = tuple(bands), tuple(int(x) for x in image_shape)
+    same_names = bands == store.bands or _generic(bands) or _generic(store.bands)
+    if shape == store.image_shape and same_names:
+        return None
+    def says(b, sh):
+        return f"{len(b)} bands ({','.join(b)}), {sh[1]}×{sh[2]} px"
+    return (f"model {model} was trained on {says(bands, shape)}; store {store.url} holds {says(store.bands, store.image_shape)}: "
+            f"score stores of the survey it was trained on, or train a model on this one (`gsafe train --store {store.url}`)")
+
+
+def check_model_fits_store(ref: tracking.ModelRef, store_url: str) -> None:
+    """Raise `UsageError` before any work if model `ref` cannot score the store (bands, cutout size)."""
+    tags = tracking.version_tags(ref.name, ref.version)
+    if "gsafe.bands" in tags and "gsafe.image_shape" in tags:
+        bands, shape = tags["gsafe.bands"].split(","), tags["gsafe.image_shape"].split(",")
+    else:   # registered before these tags: the detector itself says
+        det = load_detector(tracking.download_detector(ref))
+        bands, shape = det.bands, det.image_shape
+    problem = fit_problem(bands, shape, SurveyStore.open(store_url), str(ref))
+    if problem:
+        raise UsageError(problem)
 
 
 def null_calibration_size(name: str, version: int) -> float | None:

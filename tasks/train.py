@@ -97,6 +97,7 @@ def register_task(payload: bytes, name: str, store_url: str, metrics: dict) -> i
     sig = tracking.detector_signature(example, det.score(example, q_values=True))
     tags = {"gsafe.store": store_url, "gsafe.sha256": hashlib.sha256(payload).hexdigest(),
             "gsafe.statistics": ",".join(det.statistic_names), "gsafe.bands": ",".join(det.bands),
+            "gsafe.image_shape": ",".join(str(x) for x in det.image_shape),
             **{f"metric.{k}": f"{v:.5g}" for k, v in metrics.items()}}
     return tracking.log_detector(payload, name=name, python_model=tracking.DetectorPyfunc(),
                                  signature=sig, pip_requirements=tracking.PIP_REQUIREMENTS, tags=tags)

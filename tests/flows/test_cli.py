@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
 
+class _AnyString:
+    def __eq__(self, other):
+        return isinstance(other, str) and bool(other)
+
+
+ANY_STRING = _AnyString()
 COMMANDS = ["simulate", "ingest", "train", "score", "explain", "promote", "hunt", "serve", "demo", "info"]
 
 
@@ -100,11 +109,24 @@ def test_serve_fires_the_scheduled_hunt(trained, train_store, settings, tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--cron", "* * * * *", "--store", url,
                              "--model", "tiny@champion", "--out", str(out), "--top-k", "2", "--verbose"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    api, early = None, []
     try:
+        while api is None:          # the first lines: where serve started its Prefect server
+            line = proc.stdout.readline()
+            assert line, "serve exited:\n" + "".join(early)
+            early.append(line)
+            m = re.search(r"Prefect server at (\S+)", line)
+            api = m.group(1) if m else None
         deadline = time.time() + 200
         while time.time() < deadline and not (out / "candidates.csv").exists():
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(1)
+        import httpx
+
+        dep = httpx.get(f"{api}/deployments/name/hunt/gsafe-hunt", timeout=30).json()
+        limit = dep.get("global_concurrency_limit") or {}
+        assert dep.get("concurrency_limit") == 1 or limit.get("limit") == 1, dep     # hunts never overlap
+        assert (dep.get("concurrency_options") or {}).get("collision_strategy") == "CANCEL_NEW", dep
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -114,3 +136,89 @@ def test_serve_fires_the_scheduled_hunt(trained, train_store, settings, tmp_path
     log = proc.stdout.read()
     assert (out / "candidates.csv").exists(), "the scheduled hunt never ran:\n" + log[-5000:]
     assert "Completed" in log
+
+
+# ---- validation at the edge -------------------------------------------------------------------
+def _options(command) -> list:
+    return [p for p in command.params if getattr(p, "param_type_name", "") == "option"]
+
+
+def test_every_option_of_every_command_has_help_and_the_exit_codes_are_documented():
+    import typer
+
+    root = typer.main.get_command(app)
+    missing = [f"{name} {o.opts[0]}" for name, cmd in root.commands.items() for o in _options(cmd)
+               if not (o.help or "").strip()]
+    assert missing == []
+    r = CliRunner().invoke(app, ["--help"])
+    assert "Exit codes" in r.output and "1 failure at run time" in r.output and "2 usage" in r.output
+    for name, cmd in root.commands.items():
+        if name != "review":      # the review app is a server for people, not for scripts
+            assert "--json" in [o.opts[0] for o in _options(cmd)], name
+
+
+def test_version_is_printed():
+    from importlib.metadata import version
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"gsafe {version('gsafe')}"
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["train", "--model", "m", "--combination", "bogus"], "--combination"),
+    (["train", "--model", "m", "--representation", "x"], "--representation"),
+    (["train", "--model", "m", "--statistics", "G,bogus"], "--statistics"),
+    (["train", "--model", "my model"], "--model"),
+    (["explain", "--model", "m", "--method", "nope"], "--method"),
+    (["hunt", "--model", "m", "--alpha", "0"], "--alpha"),
+], ids=["combination", "representation", "statistics", "model name", "method", "alpha"])
+def test_a_bad_choice_is_a_usage_error_before_anything_starts(args, flag, settings, train_store):
+    r = CliRunner().invoke(app, [*args, "--store", train_store, "--home", str(settings.home)])
+    assert r.exit_code == 2, r.output
+    assert f"Invalid value for '{flag}'" in r.output
+
+
+def test_a_setting_out_of_range_is_a_usage_error_and_writes_nothing(settings, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((3, 3, 32, 32), np.float32))
+    r = CliRunner().invoke(app, ["ingest", str(tmp_path / "x.npy"), "--store", str(tmp_path / "s.zarr"),
+                                 "--chunk-size", "0", "--home", str(settings.home), "--json"])
+    assert r.exit_code == 2
+    assert "--chunk-size 0" in r.output and not (tmp_path / "s.zarr").exists()
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"ok": False, "error": ANY_STRING, "exit_code": 2}
+
+
+def test_info_json_is_one_object(train_store, settings):
+    r = CliRunner().invoke(app, ["info", train_store, "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert info["ok"] and info["n"] == 640 and info["bands"] == ["g", "r", "i"]
+
+
+def test_a_failure_at_run_time_exits_1_in_one_line(train_store, settings):
+    env = os.environ | {"GSAFE_HOME": str(settings.home), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9/"}
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "score", "--store", train_store, "--model", "tiny"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr
+    assert "unreachable" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_a_model_that_does_not_fit_the_store_is_refused_before_scoring(trained, valid_store, settings, tmp_path):
+    from infra.store import SurveyStore
+
+    five = str(tmp_path / "five.zarr")
+    s = SurveyStore.create(five, bands=("g", "r", "i", "z", "y"), height=32, width=32, chunk_size=64)
+    s.append(np.zeros((3, 5, 32, 32), np.float32), {"object_id": np.array(["a", "b", "c"])})
+    r = CliRunner().invoke(app, ["score", "--store", five, "--model", f"tiny/{trained['version']}",
+                                 "--home", str(settings.home)])
+    assert r.exit_code == 2
+    line = r.output.strip().splitlines()[-1]
+    assert "3 bands" in line and "5 bands" in line and len(r.output.strip().splitlines()) == 1
+    assert SurveyStore.open(five).score_tables() == []         # no campaign was started
+    # and the same command on a store that fits, for scripts
+    shutil.copytree(valid_store, tmp_path / "v.zarr")
+    r = CliRunner().invoke(app, ["score", "--store", str(tmp_path / "v.zarr"), "--model", f"tiny/{trained['version']}",
+                                 "--home", str(settings.home), "--json", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["ok"] and out["n"] == 400 and out["version"] == trained["version"]
