@@ -7,10 +7,12 @@ store *before* the other appends: the case that lost rows when each writer appen
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -116,13 +118,59 @@ def test_dedupe_concurrent_drops_ids_another_writer_committed(tmp_store_url):
     assert list(SurveyStore.open(tmp_store_url).object_ids()) == ["x", "y", "z"]
 
 
-@pytest.mark.parametrize("kind", ["path", "file"])
-def test_two_writer_processes_keep_every_row_exactly_once(tmp_path, kind):
+@pytest.fixture(scope="module")
+def s3():
+    """An S3-compatible object store on loopback (moto's server mode), with a bucket; yields the
+    environment variables that point botocore/s3fs (and child processes) at it."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("gsafe-test")
+    yield env
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    server.stop()
+
+
+@pytest.mark.parametrize("kind", ["path", "file", "s3"])
+def test_two_writer_processes_keep_every_row_exactly_once(tmp_path, kind, request):
     path = tmp_path / "s.zarr"
-    url = str(path) if kind == "path" else path.as_uri()
+    env = None
+    if kind == "s3":
+        env = os.environ | request.getfixturevalue("s3")
+        url = f"s3://gsafe-test/{uuid.uuid4().hex}.zarr"
+    else:
+        url = str(path) if kind == "path" else path.as_uri()
     _make(url, chunk_size=4)
-    run_writers(url, tmp_path)
-    assert_every_row_once(url)
+    run_writers(url, tmp_path, batches=6 if kind != "s3" else 3, env=env)
+    assert_every_row_once(url, batches=6 if kind != "s3" else 3)
+
+
+def test_an_object_store_lease_is_exclusive_and_a_dead_holders_expires(s3):
+    from infra.locks import LockTimeout, _LeaseBackend
+
+    url = f"s3://gsafe-test/{uuid.uuid4().hex}.zarr.lock"
+    holder, waiter = _LeaseBackend(url, ttl=1.5, poll=0.1), _LeaseBackend(url, ttl=1.5, poll=0.1)
+    holder.acquire(timeout=5)
+    with pytest.raises(LockTimeout, match="held by"):
+        waiter.acquire(timeout=3)          # twice the ttl: the holder's renewals keep it alive
+    holder._stop.set()                     # the holder dies: no more renewals, no release
+    holder._renewer.join()
+    waiter.acquire(timeout=10)             # taken over once expired
+    holder._stop.clear()
+    assert holder._replace_if(holder._etag) is None     # the dead holder's lease is no longer its own
+    waiter.release()
+    holder.acquire(timeout=5)              # released: free at once
+    holder.release()
 
 
 def test_tables_commit_atomically_and_keep_columns_aligned(tmp_store_url):
