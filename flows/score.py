@@ -63,11 +63,21 @@ def store_rows(store_url: str, name: str, version: int) -> int:
 
 
 def _broadcast(payload: bytes):
-    """Send the model to every Dask worker once; tasks get a reference, not 'once per task' bytes."""
+    """Send the model to every Dask worker once; tasks get a reference, not 'once per task' bytes.
+    On a cluster started elsewhere (--dask-address), warn about workers whose logs would be lost."""
+    import os
+
+    from prefect import get_run_logger
+
+    from infra.runtime import worker_api_problems
+
     ctx = FlowRunContext.get()
     client = getattr(ctx.task_runner, "client", None) if ctx else None
     if client is None:
         return payload
+    if getattr(ctx.task_runner, "address", None):
+        for line in worker_api_problems(client, os.environ.get("PREFECT_API_URL")):
+            get_run_logger().warning("score: %s", line)
     return client.scatter(payload, broadcast=True, hash=False)
 
 

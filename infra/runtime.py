@@ -88,6 +88,20 @@ def flow_context() -> Iterator[None]:
         yield
 
 
+def worker_api_problems(client, api_url: str | None) -> list[str]:
+    """Workers of an existing Dask cluster whose task logs will not reach `api_url` (their
+    ``PREFECT_API_URL`` is unset or another), one line each; empty when all is well."""
+    if not api_url or client is None:
+        return []
+    try:
+        seen = client.run(lambda: os.environ.get("PREFECT_API_URL"))
+    except Exception as e:  # noqa: BLE001 - a check, never a failure
+        return [f"could not ask the workers for their PREFECT_API_URL ({type(e).__name__}: {e})"]
+    return [f"worker {w}: PREFECT_API_URL={v or 'unset'}, this flow's is {api_url}: its task logs will not reach "
+            f"this Prefect server; start the workers with PREFECT_API_URL={api_url}"
+            for w, v in sorted(seen.items()) if v != api_url]
+
+
 def gpu_count() -> int:
     try:
         import torch

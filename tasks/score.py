@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
@@ -61,7 +63,9 @@ def score_chunk_task(store_url: str, name: str, version: int, chunk: int, payloa
     start, stop = chunk * store.chunk_size, min((chunk + 1) * store.chunk_size, table.n)
     det = load_detector(payload, "cuda" if torch.cuda.is_available() else None)
     out = det.score(store.read_images(start, stop), q_values=False)
-    table.write_chunk(chunk, {k: v for k, v in out.items() if k in table.group})
+    done = table.write_chunk(chunk, {k: v for k, v in out.items() if k in table.group})
+    get_run_logger().info("chunk %d: %d cutouts scored on %s pid %d%s", chunk, stop - start, socket.gethostname(),
+                          os.getpid(), "" if done else " (the chunk grew meanwhile: left for the next round)")
     return stop - start
 
 

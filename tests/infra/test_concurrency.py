@@ -118,29 +118,6 @@ def test_dedupe_concurrent_drops_ids_another_writer_committed(tmp_store_url):
     assert list(SurveyStore.open(tmp_store_url).object_ids()) == ["x", "y", "z"]
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """An S3-compatible object store on loopback (moto's server mode), with a bucket; yields the
-    environment variables that point botocore/s3fs (and child processes) at it."""
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import fsspec
-
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("gsafe-test")
-    yield env
-    for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    server.stop()
-
-
 @pytest.mark.parametrize("kind", ["path", "file", "s3"])
 def test_two_writer_processes_keep_every_row_exactly_once(tmp_path, kind, request):
     path = tmp_path / "s.zarr"
