@@ -61,18 +61,17 @@ def candidate_pool(store: SurveyStore, name: str, version: int, size: int = POOL
     names = table.statistics
     want = ["score", "p_value", "q_value"] + [f"stat_{s}" for s in names] + [f"p_{s}" for s in names]
     if rows is None:
-        best = {k: np.zeros(0) for k in want} | {"row": np.zeros(0, np.int64)}
+        # two columns read chunk by chunk to choose the pool, then the pool's rows of the others
+        best = {"score": np.zeros(0), "p_value": np.zeros(0), "row": np.zeros(0, np.int64)}
         for start in range(0, table.n, store.chunk_size):
-            part = table.read(want, start, start + store.chunk_size)
+            part = table.read(["score", "p_value"], start, start + store.chunk_size)
             part["row"] = np.arange(start, start + len(part["score"]))
             merged = {k: np.concatenate([best[k], part[k]]) for k in best}
             keep = np.lexsort((-np.nan_to_num(merged["score"], nan=-np.inf), np.nan_to_num(merged["p_value"], nan=np.inf)))[:size]
             best = {k: v[keep] for k, v in merged.items()}
         rows = best["row"].astype(np.int64)
-        cols = best
-    else:
-        rows = np.asarray(rows, np.int64)
-        cols = {k: np.asarray(table.group[k].get_orthogonal_selection(rows)) if len(rows) else np.zeros(0) for k in want}
+    rows = np.asarray(rows, np.int64)
+    cols = {k: np.asarray(table.group[k].get_orthogonal_selection(rows)) if len(rows) else np.zeros(0) for k in want}
     cat = {}
     for c in ["object_id", "ra", "dec"] + (["anomaly_class"] if "anomaly_class" in store.columns else []):
         arr = store.group["catalog"][c]
