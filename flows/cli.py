@@ -246,11 +246,15 @@ def ingest(source: str = typer.Argument(..., help="a directory of FITS cutouts, 
            chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="cutouts per store chunk (new stores)"),
            max_missing: Optional[float] = typer.Option(None, "--max-missing", help="quarantine cutouts with a larger share of non-finite pixels (default 0.25)"),
            objid_key: Optional[str] = typer.Option(None, "--objid-key", help="FITS header keyword of the object id (default OBJID)"),
+           mask_bits: Optional[str] = typer.Option(None, "--mask-bits", help="comma-separated mask planes (MP_<NAME> of a MASK HDU) or bit numbers whose pixels become missing (default BAD,SAT,INTRP,CR,EDGE,NO_DATA; '' for none)"),
+           workers: Optional[int] = typer.Option(None, "--workers", min=1, help="processes reading the input (default: one per core for 256+ inputs)"),
            home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
     """Validate and add cutouts to a survey store. Bad input goes to the store's quarantine with its reason;
     objects already in the store are skipped, so re-running adds nothing twice. Safe to run while
     another ingest or a campaign uses the same store (one writer at a time)."""
-    s = _setup(home, verbose, as_json, chunk_size=chunk_size, max_missing_frac=max_missing, objid_key=objid_key)
+    bits = None if mask_bits is None else tuple(x.strip() for x in mask_bits.split(",") if x.strip())
+    s = _setup(home, verbose, as_json, chunk_size=chunk_size, max_missing_frac=max_missing, objid_key=objid_key,
+               mask_bits=bits, ingest_workers=workers)
     from flows.ingest import ingest_flow
 
     r = _run(ingest_flow, source, store, _settings_dict(s), catalog=catalog, labels=labels)

@@ -8,6 +8,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from infra.errors import GsafeError
 from infra.ingest import ingest
 from infra.settings import Settings
 from infra.store import SurveyStore
@@ -16,7 +17,20 @@ from infra.truth import attach_truth, read_truth, truth_path_for
 __all__ = ["ingest_flow"]
 
 
-@task(name="ingest-source", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry what a retry can fix (a network or file-system hiccup), never a gsafe error: a missing
+    source or an unusable catalog fails the same way every time (bad inputs never raise: quarantined)."""
+    try:
+        state.result()
+    except GsafeError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="ingest-source", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+      retry_condition_fn=_worth_retrying, cache_policy=NO_CACHE)
 def ingest_task(source: str, store_url: str, settings: dict, catalog: str | None) -> dict:
     s = Settings(**settings)
     summary = ingest(source, store_url, settings=s, catalog=catalog, progress=s.progress)

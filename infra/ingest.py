@@ -3,13 +3,22 @@
 Idempotent: an object id already in the store (or seen earlier in the same run) is skipped, and a
 rejection already in the quarantine is not recorded again, so re-running an ingest adds nothing.
 Memory is one store chunk of cutouts: they are appended a chunk at a time, aligned to the store's
-chunks so every write after the first covers whole chunks.
+chunks so every write after the first covers whole chunks. Inputs are read by worker processes
+(`Settings.ingest_workers`, default one per core for sources of `PARALLEL_FROM` inputs or more),
+one batch in flight per worker, and appended in source order.
+
+Beside ``images`` the store gets, when a source gives them, ``aux/variance`` (N, B, H, W) float32
+(pixel variance in image units squared; NaN where unknown or missing) and ``aux/mask`` (N, B, H, W)
+int32 (the source's bit mask as given; -1 where none came). Pixels with a masked bit of
+`Settings.mask_bits`, or of zero inverse variance, are NaN in ``images``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,13 +28,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from infra.errors import InputError, SchemaVersionError, StoreError
-from infra.readers import Cutout, Rejected, count_items, iter_source
+from infra.locks import lock_url_for
+from infra.readers import Cutout, Known, Rejected, count_items, iter_source, storable
 from infra.settings import Settings
 from infra.store import SurveyStore, id_hash
 
-__all__ = ["IngestSummary", "ingest"]
+__all__ = ["IngestSummary", "ingest", "PARALLEL_FROM"]
 
 log = logging.getLogger("gsafe.ingest")
+
+PARALLEL_FROM = 256  # inputs below which reading stays in this process (starting workers costs ~1 s each)
+_QUARANTINE_BATCH = 1024  # rejections held before they are written: memory stays flat whatever fails
+_READ_BATCH = 128  # inputs per unit of work of a reader process
 
 
 @dataclass
@@ -74,11 +88,32 @@ def _open_store(url: str, create: bool) -> SurveyStore | None:
         raise
 
 
-def _where(item: Cutout | Rejected) -> str:
+def _where(item: Cutout | Rejected | Known) -> str:
     """`source`, with the object id when the source's name does not already say it."""
     if item.object_id and item.object_id != Path(item.source).stem:
         return f"{item.source} ({item.object_id})"
     return item.source
+
+
+def _key_hash(row: tuple[str, str, str]) -> int:
+    """64-bit hash of a quarantine row (source, object_id, reason): 8 bytes to remember it by."""
+    return int.from_bytes(hashlib.blake2b("\x00".join(row).encode(), digest_size=8).digest(), "little")
+
+
+def _quarantine_hashes(store: SurveyStore, block: int = 65536) -> np.ndarray:
+    """Sorted hashes of every quarantine row already in the store, read a block at a time."""
+    q = store.group["quarantine"]
+    n = min(q[k].shape[0] for k in ("source", "object_id", "reason"))
+    out = np.empty(n, np.uint64)
+    for s in range(0, n, block):
+        cols = [np.asarray(q[k][s:s + block], dtype=object) for k in ("source", "object_id", "reason")]
+        out[s:s + len(cols[0])] = [_key_hash(tuple(map(str, r))) for r in zip(*cols)]
+    return np.sort(out)
+
+
+def _contains(sorted_hashes: np.ndarray, h: int) -> bool:
+    i = int(np.searchsorted(sorted_hashes, np.uint64(h)))
+    return i < len(sorted_hashes) and int(sorted_hashes[i]) == h
 
 
 class _Writer:
@@ -90,13 +125,17 @@ class _Writer:
         self.buffer: list[Cutout] = []
         self.pending_quarantine: list[tuple[str, str, str]] = []
         self.existing = store.existing_hashes()
-        q = store.read_quarantine()
-        self.quarantined = set(zip(q["source"], q["object_id"], q["reason"]))
+        self.quarantined = _quarantine_hashes(store)
+        self.quarantined_now: set[int] = set()
         self.seen: set[int] = set()  # id hashes of this run: 8 bytes per object, not the id itself
 
-    def add(self, item: Cutout | Rejected) -> None:
+    def add(self, item: Cutout | Rejected | Known) -> None:
         if isinstance(item, Rejected):
             self._reject(item)
+            return
+        if isinstance(item, Known):
+            self.summary.skipped += 1
+            log.debug("ingest: %s: object %s already in %s: skipped", item.source, item.object_id, self.store.url)
             return
         h = int(id_hash([item.object_id])[0])
         i = int(np.searchsorted(self.existing, np.uint64(h)))
@@ -115,14 +154,18 @@ class _Writer:
 
     def _reject(self, item: Rejected) -> None:
         self.summary.quarantined += 1
-        key = (item.source, item.object_id, item.reason)
-        if key in self.quarantined:
+        key = (storable(item.source), storable(item.object_id), storable(item.reason))
+        h = _key_hash(key)
+        if h in self.quarantined_now or _contains(self.quarantined, h):
             self.summary.already_quarantined += 1
             log.debug("ingest: %s: %s: already quarantined", _where(item), item.reason)
             return
-        self.quarantined.add(key)
+        self.quarantined_now.add(h)
         self.pending_quarantine.append(key)
-        log.warning("ingest: %s: %s: quarantined", _where(item), item.reason)
+        log.warning("ingest: %s: %s: quarantined", storable(_where(item)), key[2])
+        if len(self.pending_quarantine) >= _QUARANTINE_BATCH:
+            self.store.add_quarantine(self.pending_quarantine)
+            self.pending_quarantine = []
 
     def flush(self) -> None:
         if self.buffer:
@@ -131,16 +174,48 @@ class _Writer:
                 "object_id": np.array([c.object_id for c in batch], dtype=object),
                 "ra": np.array([c.ra for c in batch], np.float64),
                 "dec": np.array([c.dec for c in batch], np.float64),
-                "source": np.array([c.source for c in batch], dtype=object),
+                "source": np.array([storable(c.source) for c in batch], dtype=object),
                 "n_missing": np.array([c.n_missing for c in batch], np.int32),
             }
             if self.extra_columns is not None:
                 catalog.update(self.extra_columns(batch))
-            self.store.append(np.stack([c.pixels for c in batch]), catalog)
+            self.store.append(np.stack([c.pixels for c in batch]), catalog, aux=_aux(batch))
             self.summary.ingested += len(batch)
         if self.pending_quarantine:
             self.store.add_quarantine(self.pending_quarantine)
             self.pending_quarantine = []
+
+
+def _aux(batch: list[Cutout]) -> dict[str, np.ndarray] | None:
+    """``variance`` and ``mask`` of a batch, (n, B, H, W) each, when any of its cutouts has one
+    (NaN variance / -1 mask for those without); None when none has."""
+    out = {}
+    shape = batch[0].pixels.shape
+    if any(c.variance is not None for c in batch):
+        out["variance"] = np.stack([np.full(shape, np.nan, np.float32) if c.variance is None else c.variance
+                                    for c in batch]).astype(np.float32, copy=False)
+    if any(c.mask is not None for c in batch):
+        out["mask"] = np.stack([np.full(shape, -1, np.int32) if c.mask is None else c.mask
+                                for c in batch]).astype(np.int32, copy=False)
+    return out or None
+
+
+def _workers(settings: Settings, n: int | None) -> int:
+    """Reader processes for a source of `n` inputs: the setting, else one per core for sources of
+    `PARALLEL_FROM` inputs or more (fewer are read here: workers take ~1 s to start)."""
+    if settings.ingest_workers is not None:
+        return settings.ingest_workers
+    n = n or 0
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
+        if n >= PARALLEL_FROM else 1
+
+
+def _not_inputs(store_url: str) -> tuple[str, ...]:
+    """The store and its lock file (beside it): never inputs, even when they sit in the source directory."""
+    if "://" in str(store_url) and not str(store_url).startswith("file://"):
+        return ()
+    path = str(store_url)[len("file://"):] if str(store_url).startswith("file://") else str(store_url)
+    return (path, lock_url_for(store_url))
 
 
 def ingest(source: str, store_url: str, *, settings: Settings, catalog: str | None = None,
@@ -157,7 +232,8 @@ def ingest(source: str, store_url: str, *, settings: Settings, catalog: str | No
         store_url: the survey store; a missing one is created (if `create`) with B, H, W of the
             first good cutout, band names from `settings.bands` when the count matches (else
             b0, b1, ...), and `settings.chunk_size` and `settings.pixel_scale`.
-        settings: chunk size, bands, cutout size (for tiles), objid keyword, NaN threshold.
+        settings: chunk size, bands, cutout size (for tiles), objid keyword, NaN threshold, mask
+            bits, reader processes (`ingest_workers`).
         catalog: the tile's catalog, CSV or FITS table.
         progress: show a progress bar.
         create: make the store if it is missing; otherwise a missing store raises `StoreError`.
@@ -182,10 +258,14 @@ def ingest(source: str, store_url: str, *, settings: Settings, catalog: str | No
     created = store is None
     if created:
         store = _create_from_first_cutout(source, store_url, settings, catalog, record)
-    items = iter_source(source, bands=store.bands, shape=store.image_shape[1:], objid_key=settings.objid_key,
-                        max_missing_frac=settings.max_missing_frac, catalog=catalog)
     writer = _Writer(store, extra_columns)
-    with tqdm(total=count_items(source, catalog), disable=not progress, unit="cutout", desc="ingest") as bar:
+    exclude = _not_inputs(store_url)
+    n = count_items(source, catalog, exclude)
+    items = iter_source(source, bands=store.bands, shape=store.image_shape[1:], objid_key=settings.objid_key,
+                        max_missing_frac=settings.max_missing_frac, catalog=catalog, mask_bits=settings.mask_bits,
+                        known=writer.existing, workers=_workers(settings, n),
+                        batch=min(settings.chunk_size, _READ_BATCH), exclude=exclude)
+    with tqdm(total=n, disable=not progress, unit="cutout", desc="ingest") as bar:
         for item in items:
             writer.add(item)
             bar.update()
@@ -208,14 +288,16 @@ def _create_from_first_cutout(source: str, url: str, settings: Settings, catalog
     the store, so a re-run finds the same reasons already in quarantine.
     """
     common = dict(objid_key=settings.objid_key, max_missing_frac=settings.max_missing_frac, catalog=catalog,
-                  cutout_size=settings.cutout_size)
+                  cutout_size=settings.cutout_size, mask_bits=settings.mask_bits, exclude=_not_inputs(url))
     configured = dict(bands=len(settings.bands), shape=(settings.cutout_size, settings.cutout_size))
-    rejected: list[Rejected] = []
+    rejected: list[Rejected] = []  # the first few, for the error; `n_rejected` counts them all
+    n_rejected = 0
     for attempt in (configured, dict(bands=None, shape=None)):
         for i, item in enumerate(iter_source(source, **attempt, **common)):
             if isinstance(item, Cutout):
                 b, h, w = item.pixels.shape
-                names = tuple(settings.bands) if len(settings.bands) == b else tuple(f"b{i}" for i in range(b))
+                names = (item.bands if item.bands is not None and len(set(item.bands)) == b
+                         else tuple(settings.bands) if len(settings.bands) == b else tuple(f"b{i}" for i in range(b)))
                 if attempt is not configured:
                     log.warning("ingest: no cutout of the configured shape (%d bands, %d×%d) among the first %d "
                                 "inputs; shaping the store like %s; set GSAFE_BANDS / GSAFE_CUTOUT_SIZE to choose",
@@ -224,10 +306,13 @@ def _create_from_first_cutout(source: str, url: str, settings: Settings, catalog
                 return SurveyStore.create(url, bands=names, height=h, width=w, chunk_size=settings.chunk_size,
                                           pixel_scale=settings.pixel_scale, provenance=record)
             if attempt is not configured:
-                rejected.append(item)
+                n_rejected += 1
+                if len(rejected) < 20:
+                    rejected.append(item)
             elif i >= probe:
                 break
     for item in rejected:
-        log.warning("ingest: %s: %s: not ingested", _where(item), item.reason)
-    what = f"no usable cutout ({len(rejected)} rejected, reasons above)" if rejected else "no inputs"
+        log.warning("ingest: %s: %s: not ingested", storable(_where(item)), storable(item.reason))
+    more = f", the first {len(rejected)} above" if n_rejected > len(rejected) else ", reasons above"
+    what = f"no usable cutout ({n_rejected} rejected{more})" if n_rejected else "no inputs"
     raise InputError(str(source), f"{what}; no store created at {url}")

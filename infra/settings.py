@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     objid_key: str = Field("OBJID", description="FITS header keyword holding the object id")
     max_missing_frac: float = Field(0.25, ge=0, le=1,
                                     description="cutouts with more non-finite pixels than this are quarantined")
+    # HSC/LSST mask planes whose pixels hold no usable data; a MASK HDU's MP_<NAME> keywords number
+    # them (HSC's bit numbers without them); bit numbers as text ("12") work for other surveys' masks
+    mask_bits: tuple[str, ...] = Field(("BAD", "SAT", "INTRP", "CR", "EDGE", "NO_DATA"),
+                                       description="mask planes (or bit numbers) that make a pixel missing")
+    ingest_workers: int | None = Field(None, ge=1, description="processes reading input during ingest "
+                                                               "(default: one per core for 256+ inputs)")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler")
     n_workers: int | None = Field(None, ge=1, description="workers of the LocalCluster (default: one per core)")
     mlflow_tracking_uri: str | None = Field(

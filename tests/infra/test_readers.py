@@ -44,14 +44,25 @@ def rejected_reason(path, **kw) -> str:
 def test_truncated_fits_is_rejected(tmp_path):
     good = write_cube(tmp_path / "good.fits")
     data = good.read_bytes()
-    (tmp_path / "cut.fits").write_bytes(data[: len(data) - 1000])
-    assert rejected_reason(tmp_path / "cut.fits").startswith("truncated:")
+    (tmp_path / "cut.fits").write_bytes(data[: len(data) - 2000])  # into the pixels (they end at 4160)
+    assert rejected_reason(tmp_path / "cut.fits") == "truncated: 3760 bytes, its headers say 4160; fetch the file again"
+
+
+def test_file_missing_only_its_final_padding_is_read(tmp_path):
+    """Every pixel is there; only the zeros that round the file up to 2880-byte blocks are not."""
+    data = write_cube(tmp_path / "good.fits").read_bytes()
+    (tmp_path / "short.fits").write_bytes(data[:4160])
+    c = read_one(tmp_path / "short.fits")
+    assert isinstance(c, Cutout)
+    np.testing.assert_array_equal(c.pixels, fits.getdata(tmp_path / "good.fits"))
 
 
 def test_file_cut_inside_its_header_is_rejected(tmp_path):
     data = write_cube(tmp_path / "good.fits").read_bytes()
-    (tmp_path / "cut.fits").write_bytes(data[:2000])
-    assert "not a FITS file" in rejected_reason(tmp_path / "cut.fits")
+    (tmp_path / "cut.fits").write_bytes(data[:500])  # before the END card (card 8, at byte 560)
+    assert rejected_reason(tmp_path / "cut.fits") == "not a FITS file (its header has no END card)"
+    (tmp_path / "cut.fits").write_bytes(data[:2000])  # after END, in the header's padding
+    assert rejected_reason(tmp_path / "cut.fits") == "truncated: 2000 bytes, its headers say 4160; fetch the file again"
 
 
 def test_extension_cut_off_is_rejected(tmp_path):
@@ -141,10 +152,10 @@ def test_band_images_of_different_shapes_are_rejected(tmp_path):
 def test_any_unexpected_error_becomes_an_unreadable_rejection(tmp_path, monkeypatch):
     write_cube(tmp_path / "obj.fits")
 
-    def boom(path, objid_key):
+    def boom(path, spec, check):
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr(infra.readers, "_read_fits_cutout", boom)
+    monkeypatch.setattr(infra.readers, "_read_fits_file", boom)
     assert rejected_reason(tmp_path / "obj.fits") == "unreadable: RuntimeError: disk on fire"
 
 
@@ -338,12 +349,13 @@ def test_npz_problems_are_whole_source_rejections(tmp_path):
 
 @pytest.mark.parametrize("order", ["C", "F"])
 def test_npy_is_read_in_blocks_without_losing_rows(tmp_path, order):
-    from infra.readers import _iter_npy
+    from infra.readers import _iter_npy, _Spec, _Validator
 
+    spec = _Spec(n_bands=2, names=None, shape=(5, 5))
     images = np.asarray(np.random.default_rng(1).random((7, 2, 5, 5)), order=order)
     np.save(tmp_path / "many.npy", images)
     # 3 rows per block: blocks of 3, 3, 1 (a block edge inside the array and a short last block)
-    items = list(_iter_npy(tmp_path / "many.npy", block_bytes=3 * 2 * 5 * 5 * 8))
+    items = list(_iter_npy(tmp_path / "many.npy", spec, _Validator(spec), block_bytes=3 * 2 * 5 * 5 * 8))
     assert [i.object_id for i in items] == [f"many-{k}" for k in range(7)]
     np.testing.assert_array_equal(np.stack([i.data for i in items]), images)
 
