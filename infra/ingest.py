@@ -253,7 +253,8 @@ def ingest(source: str, store_url: str, *, settings: Settings, catalog: str | No
         'ingest: 3 ingested, 0 quarantined, 0 skipped as already there'
     """
     record = {"step": "ingest", "source": str(source), "catalog": None if catalog is None else str(catalog),
-              "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "gsafe": _gsafe_version()}
+              "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "gsafe": _gsafe_version(),
+              "mask_bits": list(settings.mask_bits)}  # which planes of aux/mask became NaN pixels
     store = _open_store(store_url, create)
     created = store is None
     if created:
@@ -268,7 +269,7 @@ def ingest(source: str, store_url: str, *, settings: Settings, catalog: str | No
     with tqdm(total=n, disable=not progress, unit="cutout", desc="ingest") as bar:
         for item in items:
             writer.add(item)
-            bar.update()
+            bar.update(item.inputs)
     writer.flush()
     summary = writer.summary
     if summary.ingested and not created:

@@ -55,6 +55,7 @@ import zipfile
 import zlib
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -115,6 +116,7 @@ class Cutout:
         mask: (B, H, W) int32 bit mask as the source gave it (-1 in bands without one); None when
             the source gives none.
         bands: the band names the source declared, in the order of `pixels`; None when it did not.
+        inputs: how many inputs (files) it was made of: several for per-band files.
     """
 
     object_id: str
@@ -126,15 +128,18 @@ class Cutout:
     variance: np.ndarray | None = None
     mask: np.ndarray | None = None
     bands: tuple[str, ...] | None = None
+    inputs: int = 1
 
 
 @dataclass
 class Rejected:
-    """One unusable input: where it came from, its id when known (else ""), and why it was refused."""
+    """One unusable input: where it came from, its id when known (else ""), and why it was refused
+    (`inputs`: how many files that is, several for an object's per-band files)."""
 
     source: str
     object_id: str
     reason: str
+    inputs: int = 1
 
 
 @dataclass
@@ -143,6 +148,7 @@ class Known:
 
     source: str
     object_id: str
+    inputs: int = 1
 
 
 Item = Cutout | Rejected | Known
@@ -255,7 +261,9 @@ def iter_source(source: str, *, bands: int | tuple[str, ...] | None, shape: tupl
     spec = _Spec(n_bands, names, None if shape is None else (int(shape[0]), int(shape[1])), objid_key,
                  max_missing_frac, tuple(mask_bits), None if known is None else np.asarray(known, np.uint64))
     check = _Validator(spec)
-    parallel = workers > 1 and spec.n_bands is not None and spec.shape is not None
+    # a daemonic process (a Dask or pool worker) may not start processes of its own: it reads alone
+    parallel = (workers > 1 and spec.n_bands is not None and spec.shape is not None
+                and not multiprocessing.current_process().daemon)
     if path.is_dir():
         if catalog is not None:
             raise InputError(str(source), "a catalog goes with a FITS tile, not a directory of cutouts")
@@ -518,13 +526,30 @@ def _in_processes(fn: Callable[[list], list], batches: Iterator[list], spec: _Sp
     flight per worker besides the one the caller holds (flat memory)."""
     ctx = multiprocessing.get_context("spawn")  # fork is unsafe in a process with Prefect's threads
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(spec,)) as pool:
-        pending: deque = deque(pool.submit(fn, b) for b in itertools.islice(batches, workers))
+        pending: deque = deque((b, pool.submit(fn, b)) for b in itertools.islice(batches, workers))
         while pending:
-            result = pending.popleft().result()
+            batch, future = pending.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool as e:
+                # a reader process died (killed, out of memory, a crash in a decompressor): what was
+                # appended stays, a re-run skips it; one process finds the file that did it
+                raise InputError(_batch_where(batch), "a reader process died while reading these inputs; "
+                                                      "ingest again with --workers 1 to find the one to blame") from e
             nxt = next(batches, None)
             if nxt is not None:
-                pending.append(pool.submit(fn, nxt))
+                pending.append((nxt, pool.submit(fn, nxt)))
             yield result
+
+
+def _batch_where(batch) -> str:
+    """The inputs of a batch, for a message: first and last file, or the tile and its catalog rows."""
+    if isinstance(batch, _TileJob):
+        rows = [r[0] for r in batch.rows if isinstance(r, tuple)]
+        return f"{batch.source} (catalog rows {rows[0]}-{rows[-1]})" if rows else batch.source
+    if isinstance(batch, list) and batch:
+        return f"{batch[0]} ... {batch[-1]}" if len(batch) > 1 else str(batch[0])
+    return str(batch)
 
 
 def _os_reason(path: Path, e: OSError) -> str:
@@ -993,11 +1018,14 @@ def _read_verified(hdus: list, src: str, stem: str, spec: _Spec, check: _Validat
 
 
 def _id_without_filter(stem: str, flt: str) -> str:
-    """A per-band file's stem less its FILTER value and the separators around it: the object's id."""
-    for token in sorted({flt, flt.split()[0] if flt.split() else flt}, key=len, reverse=True):
-        i = stem.lower().find(token.lower())
-        if i >= 0:
-            rest = (stem[:i].rstrip("-_. "), stem[i + len(token):].lstrip("-_. "))
+    """A per-band file's stem less its FILTER value (``HSC-G``, or the band ``g``), taken where it
+    stands between separators (its last such place), and the separators around it: the object's id."""
+    words = flt.split()
+    for token in sorted({flt, words[0] if words else flt, _normal_band(flt)}, key=len, reverse=True):
+        found = list(re.finditer(r"(?:^|(?<=[-_. ]))" + re.escape(token) + r"(?=$|[-_. ])", stem, re.IGNORECASE))
+        if found:
+            m = found[-1]
+            rest = (stem[:m.start()].rstrip("-_. "), stem[m.end():].lstrip("-_. "))
             joined = "-".join(x for x in rest if x)
             if joined:
                 return joined
@@ -1086,12 +1114,13 @@ class _BandJoiner:
             missing = [b for b in order if b not in parts]
             first = min(p.source for p in parts.values())
             if any(p.known for p in parts.values()):
-                yield Known(first, oid)
+                yield Known(first, oid, len(parts))
             elif missing:
                 have = [b for b in order if b in parts] if self.names or every else _wavelength_order(parts)
                 what = (f"missing band{'s' if len(missing) > 1 else ''} {', '.join(missing)}" if self.names or every
                         else f"{len(parts)} of {self.spec.n_bands} bands")
-                yield Rejected(first, oid, f"{what}: no file with that FILTER for this object (has {', '.join(have)})")
+                yield Rejected(first, oid, f"{what}: no file with that FILTER for this object (has {', '.join(have)})",
+                               len(parts))
             else:
                 yield self._join(oid, parts, order)
         self.groups = {}
@@ -1099,7 +1128,7 @@ class _BandJoiner:
     def _join(self, oid: str, parts: dict[str, _Part], order: list[str]) -> Item:
         first = min(p.source for p in parts.values())
         if any(p.known for p in parts.values()):
-            return Known(first, oid)
+            return Known(first, oid, len(parts))
         raws = []
         for band in order:
             p = parts[band]
@@ -1107,7 +1136,7 @@ class _BandJoiner:
                 again = _read_fits_path(Path(p.source), self.spec, self.check)
                 if not isinstance(again, _Part) or again.raw is None:
                     return Rejected(p.source, oid, again.reason if isinstance(again, Rejected)
-                                    else "changed while being read; ingest again")
+                                    else "changed while being read; ingest again", len(parts))
                 p = again
             else:
                 self.held -= p.raw.data.nbytes
@@ -1126,7 +1155,9 @@ class _BandJoiner:
 
         joined = _Raw(oid, np.stack([r.data for r in raws]), first, raws[0].ra, raws[0].dec,
                       stack("variance", np.nan), stack("mask", -1), stack("missing", False), tuple(order))
-        return self.check(joined)
+        out = self.check(joined)
+        out.inputs = len(parts)
+        return out
 
 
 # ---- arrays ----------------------------------------------------------------------------------
@@ -1475,10 +1506,14 @@ class _Tile:
                 if role in ("mask", "variance", "ivar") and role not in self.planes and _header_shape(h.header) == shape:
                     self.planes[role] = h
             if weight is not None and "ivar" not in self.planes and "variance" not in self.planes:
-                self.weight = fits.open(weight, memmap=True)
-                w = next((_HDU(h) for h in self.weight if _HDU(h).is_image and _naxis(_HDU(h).header) > 0), None)
-                if w is not None and _header_shape(w.header) == shape:
-                    self.planes["ivar"] = w
+                self.weight_file = open(weight, "rb")
+                wfd = self.weight_file.fileno()
+                opened = _open_fits(weight, lambda off, n: os.pread(wfd, n, off), os.fstat(wfd).st_size, memmap=True)
+                w = None if isinstance(opened, str) else next((h for h in opened[1] if _is_image(h)), None)
+                if w is None or _header_shape(w.header) != shape:
+                    why = opened if isinstance(opened, str) else f"no image of the tile's shape {shape}"
+                    raise _TileError(f"weight map {weight} beside the tile is unusable ({why}); fix or move it")
+                self.weight, self.planes["ivar"] = opened[0], w
             wcs = WCS(self.sci.hdu.header).celestial
         self.wcs = wcs if wcs.has_celestial else None
         self.bands = _declared_bands([self.sci], spec) if len(shape) == 3 else None

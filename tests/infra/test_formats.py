@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import astropy
@@ -143,7 +144,7 @@ def write_hsc(path: Path, objid: str | None, band: str, seed: int, mask: np.ndar
         primary.header["OBJID"] = objid
     m = fits.ImageHDU(np.zeros(shape, np.int32) if mask is None else mask, name="MASK")
     for plane, bit in HSC_PLANES.items():
-        m.header[f"MP_{plane}"] = bit
+        m.header[f"HIERARCH MP_{plane}"] = bit  # as HSC writes them
     v = fits.ImageHDU(np.full(shape, 0.25, np.float32) if variance is None else variance, name="VARIANCE")
     fits.HDUList([primary, fits.ImageHDU(image, name="IMAGE"), m, v]).writeto(path)
     return image
@@ -220,7 +221,7 @@ def test_hsc_band_of_another_survey_and_duplicate_band_are_quarantined_alone(tmp
     items = list(iter_source(str(d), bands=BANDS, shape=(8, 8)))
     good = [i for i in items if isinstance(i, Cutout)]
     bad = {Path(i.source).name: i.reason for i in items if isinstance(i, Rejected)}
-    assert len(good) == 1 and good[0].object_id == "a"
+    assert len(good) == 1 and good[0].object_id == "a" and good[0].inputs == 5
     assert bad["a-nb921.fits"] == "FILTER 'HSC-NB0921' is none of the store's bands (g,r,i,z,y)"
     assert bad["a-z_copy.fits"] == "a second file for band z of object 'a'; not used"
 
@@ -314,3 +315,41 @@ def test_swarp_weight_file_beside_the_tile(tmp_path):
     (tmp_path / "cat.csv").write_text("x,y\n20,20\n")
     (item,) = iter_source(str(tmp_path / "coadd.fits"), bands=1, shape=(9, 9), catalog=str(tmp_path / "cat.csv"))
     assert isinstance(item, Cutout) and (item.variance == 0.25).all()
+
+
+def test_rice_tile_is_inflated_only_where_it_is_cut(tmp_path):
+    """A 2000×2000 Rice tile (16 MB inflated): three cutouts inflate only the rows they need."""
+    y, x = np.mgrid[:2000, :2000]
+    tile = ((y * 7 + x * 3) % 1000).astype(np.int32)
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(tile, compression_type="RICE_1")]).writeto(
+        tmp_path / "tile.fits.fz")
+    del y, x
+    (tmp_path / "cat.csv").write_text("id,x,y\na,100,100\nb,1000,1500\nc,1900,50\n")
+    items = []
+    tracemalloc.start()
+    try:
+        items += iter_source(str(tmp_path / "tile.fits.fz"), bands=1, shape=(9, 9), catalog=str(tmp_path / "cat.csv"))
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(items[1].pixels[0], tile[1496:1505, 996:1005])
+    assert peak < 6, peak
+
+
+def test_unusable_weight_file_beside_a_tile_is_named_in_the_reason(tmp_path):
+    fits.PrimaryHDU(np.ones((40, 40), np.float32)).writeto(tmp_path / "coadd.fits")
+    fits.PrimaryHDU(np.ones((20, 20), np.float32)).writeto(tmp_path / "coadd.weight.fits")
+    (tmp_path / "cat.csv").write_text("x,y\n20,20\n")
+    (item,) = iter_source(str(tmp_path / "coadd.fits"), bands=1, shape=(9, 9), catalog=str(tmp_path / "cat.csv"))
+    assert item.reason == (f"weight map {tmp_path / 'coadd.weight.fits'} beside the tile is unusable "
+                           f"(no image of the tile's shape (40, 40)); fix or move it")
+
+
+@pytest.mark.parametrize("stem, flt, oid", [("42-cutout-HSC-G-9813", "HSC-G", "42-cutout-9813"),
+                                            ("galaxy1_g", "HSC-G", "galaxy1"), ("g_obj", "g", "obj"),
+                                            ("objg", "g", "objg"), ("cutout-HSC-I2-obj7", "HSC-I2", "cutout-obj7"),
+                                            ("a.r", "r DECam SDSS c0002 6415.0 1480.0", "a")])
+def test_id_of_a_per_band_file_is_its_name_less_its_filter_between_separators(stem, flt, oid):
+    from infra.readers import _id_without_filter
+
+    assert _id_without_filter(stem, flt) == oid

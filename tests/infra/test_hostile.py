@@ -98,7 +98,7 @@ def test_catalog_field_over_128_kb_is_one_quarantined_row(tmp_path, tile):
 def test_catalog_line_of_gigabytes_is_read_in_bounded_memory(tmp_path, tile):
     with open(tmp_path / "cat.csv", "w") as f:
         f.write("id,x,y\n")
-        f.write("y" * (40 << 20))  # one 40 MB line: never held whole
+        f.write("y" * (12 << 20))  # one 12 MB line: never held whole
         f.write(",1,1\na,20,20\n")
     summary = None
 
@@ -106,7 +106,7 @@ def test_catalog_line_of_gigabytes_is_read_in_bounded_memory(tmp_path, tile):
         nonlocal summary
         summary, _ = ingest_tile(tmp_path, tile, tmp_path / "cat.csv")
 
-    assert peak_mib(run) < 20
+    assert peak_mib(run) < 10
     assert (summary.ingested, summary.quarantined) == (1, 1)
 
 
@@ -148,9 +148,13 @@ def test_npy_rows_of_another_shape_are_one_rejection_read_from_the_header(tmp_pa
 
 
 def test_tile_compressed_bomb_is_rejected_from_its_header(tmp_path):
-    """4000×4000 zeros, Rice-compressed to ~300 KB (~100× smaller): rejected before a pixel is inflated."""
-    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(np.zeros((4000, 4000), np.int16))]).writeto(
-        tmp_path / "bomb.fits.fz")
+    """4000×4000 zeros in one GZIP tile: 37 KB that inflate 850× (32 MB as int16, 64 MB as float32),
+    rejected from the header before a pixel is inflated."""
+    zeros = np.zeros((4000, 4000), np.int16)
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(zeros, compression_type="GZIP_1", tile_shape=zeros.shape)]
+                 ).writeto(tmp_path / "bomb.fits.fz")
+    assert os.path.getsize(tmp_path / "bomb.fits.fz") * 800 < zeros.nbytes
+    del zeros
     items = []
     peak = peak_mib(lambda: items.extend(iter_source(str(tmp_path / "bomb.fits.fz"), bands=BANDS, shape=(8, 8))))
     (item,) = items

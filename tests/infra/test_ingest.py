@@ -315,3 +315,13 @@ def test_reader_processes_cut_a_tile_in_catalog_order(tmp_path):
     assert list(store.object_ids()) == [f"o{i}" for i in range(20)]
     centres = store.read_images()[:, 0, 4, 4]
     assert list(centres) == [1000 * (10 + (11 * i) % 40) + 10 + (7 * i) % 40 for i in range(20)]
+
+
+def test_ingest_task_retries_hiccups_but_not_gsafe_errors():
+    """A missing source fails the same way every time: no retries; a file-system hiccup may pass."""
+    from prefect.states import Failed
+
+    from flows.ingest import _worth_retrying
+
+    assert not _worth_retrying(None, None, Failed(data=InputError("src/", "not found")))
+    assert _worth_retrying(None, None, Failed(data=OSError("Connection reset by peer")))

@@ -366,3 +366,15 @@ def test_truncated_npy_is_rejected_whole(tmp_path):
     (tmp_path / "cut.npy").write_bytes(data[:-100])
     reason = rejected_reason(tmp_path / "cut.npy", bands=1)
     assert reason.startswith("unreadable .npy") and "truncated" in reason
+
+
+def test_a_reader_process_that_dies_is_a_clear_error_not_a_traceback():
+    """A reader process killed mid-batch (out of memory, a crashing decompressor): one gsafe error
+    saying where and what to do; rows appended before it stay, a re-run skips them."""
+    import os
+
+    from infra.readers import _in_processes, _Spec
+
+    with pytest.raises(InputError, match="a reader process died while reading these inputs; ingest again with "
+                                         "--workers 1"):
+        list(_in_processes(os._exit, iter([3]), _Spec(1, None, (8, 8)), 1))  # the worker calls os._exit(3)
