@@ -67,6 +67,7 @@ class Card:
         anomaly_class: optional class (e.g. the simulator's injected class).
         neighbours: optional nearest normal objects, ``[(object_id, image (B, H, W)), ...]``.
         method: name of the attribution method, shown as the panel caption.
+        more_like_this: candidates of the same group (look-alikes) not shown, e.g. 12.
     """
 
     object_id: str
@@ -85,6 +86,7 @@ class Card:
     anomaly_class: str | None = None
     neighbours: list[tuple[str, np.ndarray]] | None = field(default_factory=list)
     method: str = "attribution"
+    more_like_this: int = 0
 
 
 def safe_filename(object_id: str, taken: set[str] | None = None) -> str:
@@ -374,6 +376,8 @@ def card_view(card: Card, rank: int, panel_src: list[str], neighbour_src: list[s
     stats = [(str(name), _fmt(value)) for name, value in card.statistics.items()]
     tags = [(kind, str(value)) for kind, value in (("class", card.anomaly_class), ("label", card.label))
             if value is not None and str(value) != ""]
+    if card.more_like_this:
+        tags.append(("more like this", str(int(card.more_like_this))))
     neighbours = [(str(nb_id), src) for (nb_id, _), src in zip(card.neighbours or [], neighbour_src or [])]
     return {
         "rank": rank, "dom_id": dom_id or f"card-{rank}", "object_id": str(card.object_id), "tags": tags,

@@ -111,7 +111,8 @@ def build_cards(store: SurveyStore, det, cols: dict[str, np.ndarray], rows: np.n
 
 @task(name="explain-top", cache_policy=NO_CACHE)
 def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], payload: bytes, out: str,
-                      method: str = "integrated_gradients", notices: list[str] | None = None) -> dict:
+                      method: str = "integrated_gradients", notices: list[str] | None = None,
+                      more_like_this: list[int] | None = None) -> dict:
     store = SurveyStore.open(store_url)
     table = store.score_table(name, version)
     cols = table.read()
@@ -121,6 +122,8 @@ def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], 
     cat = store.read_catalog(None)
     bank = _bank_rows(store, cols["p_value"], rows)
     cards, z_bank, z_top = build_cards(store, det, cols, rows, bank, method, selector, cat)
+    for card, more in zip(cards, more_like_this or []):
+        card.more_like_this = int(more)
     latent_xy = latent_labels = None
     if len(bank) + len(rows) >= 5:
         xy = ex.latent_map(torch.as_tensor(np.concatenate([z_bank, z_top]))).numpy()

@@ -274,3 +274,29 @@ def remember_labels(store_url: str, settings, name: str, version: int, new: pd.D
         relevance=lambda d: d["object_id"].map(memory["relevance"]))
     return cand, {"known_artefacts": int(len(apart)), "like_interesting": int(cand["like_interesting"].sum()),
                   "labels": memory["labels"]}
+
+
+@task(name="diverse-top", cache_policy=NO_CACHE)
+def diverse_rows_task(store_url: str, name: str, version: int, k: int, payload: bytes,
+                      pool_size: int = POOL) -> tuple[list[int], list[int]]:
+    """The k store rows a gallery shows, in the review's order before any new label: one representative
+    per group of look-alike candidates first, then the rest; objects in groups the scientist
+    suppressed are left out, and labelled objects too. Returns (rows, "n more like this" per row)."""
+    from tasks.score import load_detector
+
+    store = SurveyStore.open(store_url)
+    det = load_detector(payload)
+    pool = candidate_pool(store, name, version, max(pool_size, k))
+    latents = pool_features(store, det, pool.rows)
+    if len(pool.rows) < 2:
+        return pool.rows.tolist()[:k], [0] * min(k, len(pool.rows))
+    X = rel.FeatureSpace.fit(latents, pool.stats).transform(latents, pool.stats)
+    groups = rel.group_candidates(X)
+    latest = lab.latest_labels(store) if lab.TABLE in store.tables() else lab.read_labels(store)
+    state = label_state(latest, pool.ids)
+    suppressed = np.unique(groups[state["group_scope"] & (state["label"] == "artefact")])
+    plan = rel.plan_review(pool.q_value, groups, state["labelled"], p_value=pool.p_value, features=X,
+                           targets=state["target"], suppressed_groups=suppressed)
+    order = plan.order[:k]
+    return pool.rows[order].astype(int).tolist(), [int(plan.more_like_this[i]) if f else 0
+                                                   for i, f in zip(order, plan.first_pass[:k])]

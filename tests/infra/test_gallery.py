@@ -121,11 +121,14 @@ def test_candidate_table_in_csv_and_parquet(gallery):
 
 
 def test_notices_are_shown_in_a_banner_as_plain_text(tmp_path):
-    written = write_gallery(tmp_path, _cards(2), notices=["drift: 3 of 5 statistics moved", HOSTILE], title=HOSTILE)
+    cards = _cards(2)
+    cards[1].more_like_this = 7
+    written = write_gallery(tmp_path, cards, notices=["drift: 3 of 5 statistics moved", HOSTILE], title=HOSTILE)
     page = written["index"].read_text(encoding="utf-8")
     banner = re.search(r'<section class="notices" role="alert">(.*?)</section>', page).group(1)
     assert "drift: 3 of 5 statistics moved" in banner and "&lt;script&gt;alert(1)&lt;/script&gt;" in banner
     assert HOSTILE not in page and page.count("<script>") == 1
+    assert page.count('<span class="tag">more like this: 7</span>') == 1
     assert '<section class="notices"' not in write_gallery(tmp_path / "quiet", _cards(2))["index"].read_text()
 
 
