@@ -85,9 +85,14 @@ def serve_hunt(settings: Settings, *, cron: str, store_url: str, model: str, sou
         # one hunt at a time: a scheduled run that finds the previous one still going is cancelled,
         # not queued (the next hunt lists whatever it would have: new objects stay new until listed)
         one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
-        hunt_flow.serve(name="gsafe-hunt", cron=cron, global_limit=one_at_a_time, print_starting_message=not announce,
-                        parameters={"store_url": store_url, "model": model, "settings": settings.model_dump(mode="json"),
-                                    "source": source, "out": out, "alpha": alpha, "top_k": top_k})
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        # Prefect may have read its settings before the URL was set (at import): give it explicitly,
+        # or the runner falls back to a temporary server, where schedules never fire
+        with temporary_settings(updates={PREFECT_API_URL: os.environ["PREFECT_API_URL"]}):
+            hunt_flow.serve(name="gsafe-hunt", cron=cron, global_limit=one_at_a_time, print_starting_message=not announce,
+                            parameters={"store_url": store_url, "model": model, "settings": settings.model_dump(mode="json"),
+                                        "source": source, "out": out, "alpha": alpha, "top_k": top_k})
     except KeyboardInterrupt:
         pass
     finally:
