@@ -247,7 +247,7 @@ def ingest(source: str = typer.Argument(..., help="a directory of FITS cutouts, 
            max_missing: Optional[float] = typer.Option(None, "--max-missing", help="quarantine cutouts with a larger share of non-finite pixels (default 0.25)"),
            objid_key: Optional[str] = typer.Option(None, "--objid-key", help="FITS header keyword of the object id (default OBJID)"),
            mask_bits: Optional[str] = typer.Option(None, "--mask-bits", help="comma-separated mask planes (MP_<NAME> of a MASK HDU) or bit numbers whose pixels become missing (default BAD,SAT,INTRP,CR,EDGE,NO_DATA; '' for none)"),
-           workers: Optional[int] = typer.Option(None, "--workers", min=1, help="processes reading the input (default: one per core for 256+ inputs)"),
+           workers: Optional[int] = typer.Option(None, "--workers", min=1, help="processes reading the input (default: cores - 1 on 3+ cores for 256+ inputs, else 1)"),
            home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
     """Validate and add cutouts to a survey store. Bad input goes to the store's quarantine with its reason;
     objects already in the store are skipped, so re-running adds nothing twice. Safe to run while

@@ -4,8 +4,8 @@ Idempotent: an object id already in the store (or seen earlier in the same run) 
 rejection already in the quarantine is not recorded again, so re-running an ingest adds nothing.
 Memory is one store chunk of cutouts: they are appended a chunk at a time, aligned to the store's
 chunks so every write after the first covers whole chunks. Inputs are read by worker processes
-(`Settings.ingest_workers`, default one per core for sources of `PARALLEL_FROM` inputs or more),
-one batch in flight per worker, and appended in source order.
+(`Settings.ingest_workers`; by default one per core but one, on 3 cores or more, for sources of
+`PARALLEL_FROM` inputs or more), one batch in flight per worker, and appended in source order.
 
 Beside ``images`` the store gets, when a source gives them, ``aux/variance`` (N, B, H, W) float32
 (pixel variance in image units squared; NaN where unknown or missing) and ``aux/mask`` (N, B, H, W)
@@ -201,13 +201,14 @@ def _aux(batch: list[Cutout]) -> dict[str, np.ndarray] | None:
 
 
 def _workers(settings: Settings, n: int | None) -> int:
-    """Reader processes for a source of `n` inputs: the setting, else one per core for sources of
-    `PARALLEL_FROM` inputs or more (fewer are read here: workers take ~1 s to start)."""
+    """Reader processes for a source of `n` inputs: the setting, else one per core but the one this
+    process needs to write the store, for sources of `PARALLEL_FROM` inputs or more; 1 (read here)
+    otherwise. Each reader process costs ~1 s of imports to start; on 2 cores two readers and the
+    writer read slower than one process doing both (see BENCHMARKS.md, "Ingest")."""
     if settings.ingest_workers is not None:
         return settings.ingest_workers
-    n = n or 0
-    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
-        if n >= PARALLEL_FROM else 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1) if (n or 0) >= PARALLEL_FROM and cores >= 3 else 1
 
 
 def _not_inputs(store_url: str) -> tuple[str, ...]:

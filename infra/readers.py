@@ -49,6 +49,8 @@ import multiprocessing
 import os
 import re
 import stat
+import sys
+import unicodedata
 import tempfile
 import warnings
 import zipfile
@@ -62,13 +64,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from astropy.io import fits
-from astropy.nddata import NoOverlapError, PartialOverlapError
-from astropy.nddata.utils import overlap_slices
-from astropy.wcs import WCS
 
 from infra.errors import InputError
 from infra.settings import Settings
-from infra.store import id_hash
 
 __all__ = ["Cutout", "Rejected", "Known", "iter_source", "count_items", "DEFAULT_MASK_BITS", "HSC_MASK_PLANES",
            "storable"]
@@ -261,9 +259,7 @@ def iter_source(source: str, *, bands: int | tuple[str, ...] | None, shape: tupl
     spec = _Spec(n_bands, names, None if shape is None else (int(shape[0]), int(shape[1])), objid_key,
                  max_missing_frac, tuple(mask_bits), None if known is None else np.asarray(known, np.uint64))
     check = _Validator(spec)
-    # a daemonic process (a Dask or pool worker) may not start processes of its own: it reads alone
-    parallel = (workers > 1 and spec.n_bands is not None and spec.shape is not None
-                and not multiprocessing.current_process().daemon)
+    parallel = workers > 1 and spec.n_bands is not None and spec.shape is not None and _can_start_processes()
     if path.is_dir():
         if catalog is not None:
             raise InputError(str(source), "a catalog goes with a FITS tile, not a directory of cutouts")
@@ -297,8 +293,9 @@ def count_items(source: str, catalog: str | None = None, exclude: Iterable[str] 
             with open(catalog, "rb") as f:
                 n = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
             return max(0, n - 1)
-        with fits.open(catalog, memmap=True) as hdul:
-            return int(_first_table(hdul).header["NAXIS2"])
+        hdul, table = _open_table(Path(catalog))
+        with hdul:
+            return int(table.header["NAXIS2"])
     except Exception:  # a progress bar total is a nicety: never fail for it
         return None
 
@@ -399,7 +396,7 @@ class _Validator:
         bad = ~np.isfinite(pixels)
         if planes["missing"] is not None:
             bad |= planes["missing"]
-        n_missing = int(bad.sum())
+        n_missing = int(np.count_nonzero(bad))
         if n_missing == pixels.size:
             return reject("all-NaN cutout (no finite pixel)" if planes["missing"] is None
                           else "no usable pixel (every pixel non-finite, masked or of zero weight)")
@@ -430,6 +427,8 @@ def _id_problem(object_id: str) -> str | None:
         object_id.encode("utf-8")
     except UnicodeEncodeError:
         return f"object id {object_id!r} is not valid Unicode text (lone surrogate)"
+    if any(unicodedata.category(ch) == "Cc" for ch in object_id):  # NUL, newline, escape: they break every output
+        return f"object id {object_id[:80]!r} holds control characters"
     if len(object_id) > _MAX_ID_CHARS:
         return f"object id of {len(object_id):,} characters: longer than {_MAX_ID_CHARS}"
     return None
@@ -438,6 +437,8 @@ def _id_problem(object_id: str) -> str | None:
 def _is_known(spec: _Spec, object_id: str) -> bool:
     if spec.known is None or not len(spec.known):
         return False
+    from infra.store import id_hash  # here, not at the top: reader processes start without zarr
+
     h = id_hash([object_id])[0]
     i = int(np.searchsorted(spec.known, h))
     return i < len(spec.known) and spec.known[i] == h
@@ -540,6 +541,18 @@ def _in_processes(fn: Callable[[list], list], batches: Iterator[list], spec: _Sp
             if nxt is not None:
                 pending.append((nxt, pool.submit(fn, nxt)))
             yield result
+
+
+def _can_start_processes() -> bool:
+    """Whether reader processes can start here: not from a daemonic process (a Dask or pool worker),
+    nor from a program read from stdin or a string (spawn re-runs the main module from its file)."""
+    if multiprocessing.current_process().daemon:
+        return False
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        return True
+    path = getattr(main, "__file__", None)
+    return path is None or os.path.exists(path)
 
 
 def _batch_where(batch) -> str:
@@ -1037,6 +1050,8 @@ def _header_position(header: fits.Header) -> tuple[float, float]:
     try:
         if "RA" in header and "DEC" in header:
             return float(header["RA"]), float(header["DEC"])
+        from astropy.wcs import WCS  # here: most cutouts say RA, DEC, and reader processes start faster
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             wcs = WCS(getattr(header, "header", header)).celestial
@@ -1076,6 +1091,8 @@ class _BandJoiner:
 
     def add(self, part: _Part) -> list[Item]:
         key = part.band if self.names is None else self.names[self._slot(part.band)]
+        from infra.store import id_hash
+
         h = int(id_hash([part.object_id])[0])
         parts = self.groups.setdefault(part.object_id, {})
         if key in parts or h in self.done:
@@ -1332,11 +1349,21 @@ def _is_csv(path: Path) -> bool:
     return path.suffix.lower() in (".csv", ".txt")
 
 
-def _first_table(hdul: fits.HDUList):
-    for hdu in hdul:
-        if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)) and not isinstance(hdu, fits.CompImageHDU):
-            return hdu
-    raise InputError(hdul.filename() or "catalog", "no table HDU in the FITS catalog")
+def _open_table(path: Path) -> tuple[fits.HDUList, fits.BinTableHDU | fits.TableHDU]:
+    """A FITS catalog opened with the cutouts' safety checks (`_open_fits`), and its first table."""
+    with open(path, "rb") as f:
+        fd = f.fileno()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opened = _open_fits(str(path), lambda off, n: os.pread(fd, n, off), os.fstat(fd).st_size, memmap=True)
+    if isinstance(opened, str):
+        raise InputError(str(path), f"unreadable FITS catalog: {opened}")
+    hdul, hdus = opened
+    for h in hdus:
+        if isinstance(h.hdu, (fits.BinTableHDU, fits.TableHDU)) and not isinstance(h.hdu, fits.CompImageHDU):
+            return hdul, h.hdu
+    hdul.close()
+    raise InputError(str(path), "no table HDU in the FITS catalog")
 
 
 class _Lines:
@@ -1405,9 +1432,12 @@ def _catalog(path: Path, objid_key: str) -> tuple[set[str], Iterator[tuple[int, 
                         yield i, (lambda c, r=r: r[at[c]].strip() if at[c] < len(r) else "")
                         i += 1
     else:
-        hdul = fits.open(path, memmap=True)
-        table = _first_table(hdul)
-        header = list(table.columns.names)
+        hdul, table = _open_table(path)
+        try:
+            header = list(table.columns.names)
+        except Exception as e:
+            hdul.close()
+            raise InputError(str(path), f"unreadable FITS catalog: {type(e).__name__}: {_first_line(e)}") from e
         at = {h.lower(): h for h in header}
 
         def records():
@@ -1424,8 +1454,9 @@ def _catalog(path: Path, objid_key: str) -> tuple[set[str], Iterator[tuple[int, 
     if id_col:
         keys["id"] = id_col
     if not ({"ra", "dec"} <= set(keys) or {"x", "y"} <= set(keys)):
+        has = storable(", ".join(header))
         raise InputError(str(path), f"catalog needs columns ra, dec (degrees) or x, y (0-based pixels); "
-                                    f"it has {', '.join(header) or 'none'}")
+                                    f"it has {ascii(has[:200]) if has.strip() else 'none'}")
 
     def rows():
         for i, get in records():
@@ -1462,6 +1493,8 @@ class _Tile:
     (memory map for plain files, tile-by-tile inflation for compressed ones)."""
 
     def __init__(self, path: str, weight: str | None, spec: _Spec):
+        from astropy.wcs import WCS
+
         self.path, self.spec = path, spec
         self.tmp = None
         src = path
@@ -1562,6 +1595,8 @@ def _cut_batch(job: _TileJob) -> list:
 
 def _cut_row(tile: _Tile, job: _TileJob, r, spec: _Spec, check: _Validator) -> Item:
     """One catalog row cut from the tile and validated; any surprise is that row's rejection."""
+    from astropy.nddata import NoOverlapError, PartialOverlapError, overlap_slices
+
     if isinstance(r, Rejected):
         return r
     i, oid, a, b = r

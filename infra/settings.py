@@ -33,8 +33,8 @@ class Settings(BaseSettings):
     # them (HSC's bit numbers without them); bit numbers as text ("12") work for other surveys' masks
     mask_bits: tuple[str, ...] = Field(("BAD", "SAT", "INTRP", "CR", "EDGE", "NO_DATA"),
                                        description="mask planes (or bit numbers) that make a pixel missing")
-    ingest_workers: int | None = Field(None, ge=1, description="processes reading input during ingest "
-                                                               "(default: one per core for 256+ inputs)")
+    ingest_workers: int | None = Field(None, ge=1, description="processes reading input during ingest (default: "
+                                                               "cores - 1 on 3+ cores for 256+ inputs, else 1)")
     dask_address: str | None = Field(None, description="tcp://host:port of an existing Dask scheduler")
     n_workers: int | None = Field(None, ge=1, description="workers of the LocalCluster (default: one per core)")
     mlflow_tracking_uri: str | None = Field(

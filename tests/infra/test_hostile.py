@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.table import Table
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from infra.ingest import ingest
@@ -84,6 +85,32 @@ def test_utf8_catalog_with_byte_order_mark_and_non_ascii_ids(tmp_path, tile):
     (tmp_path / "cat.csv").write_text("id,x,y\ngalaxié-Ω,20,20\n", encoding="utf-8-sig")
     summary, s = ingest_tile(tmp_path, tile, tmp_path / "cat.csv")
     assert summary.ingested == 1 and list(s.object_ids()) == ["galaxié-Ω"]
+
+
+def test_ids_with_control_characters_are_quarantined(tmp_path, tile):
+    (tmp_path / "cat.csv").write_bytes(b'id,x,y\na\x00b,20,20\n"two\nlines",25,25\nok,30,15\n')
+    summary, s = ingest_tile(tmp_path, tile, tmp_path / "cat.csv")
+    assert (summary.ingested, summary.quarantined) == (1, 2) and list(s.object_ids()) == ["ok"]
+    assert reasons(s) == ["catalog row 0: object id 'a\\x00b' holds control characters",
+                          "catalog row 1: object id 'two\\nlines' holds control characters"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "tfields"])
+def test_broken_fits_catalog_is_one_clear_error(tmp_path, tile, damage):
+    """The catalog is the command line's own input: unusable, it is an error that says so (never a
+    traceback, never a loop over 2^31 columns)."""
+    from infra.errors import InputError
+
+    Table({"id": ["a"], "x": [20.0], "y": [20.0]}).write(tmp_path / "cat.fits")
+    data = bytearray((tmp_path / "cat.fits").read_bytes())
+    if damage == "garbage":
+        data[:2880] = b"x" * 2880
+    else:
+        i = data.index(b"TFIELDS =")
+        data[i:i + 80] = f"{'TFIELDS':8}= {2**31:>20}".ljust(80).encode()
+    (tmp_path / "cat.fits").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="unreadable FITS catalog: (not a FITS file|invalid FITS header: TFIELDS)"):
+        ingest_tile(tmp_path, tile, tmp_path / "cat.fits")
 
 
 def test_catalog_field_over_128_kb_is_one_quarantined_row(tmp_path, tile):
