@@ -112,3 +112,33 @@ def test_a_retried_registration_makes_no_second_version(trained, train_store, se
     assert first == again
     assert len(MlflowClient().search_model_versions("name='retried'")) == 1
     assert tracking.resolve("retried@challenger").version == first
+
+
+@pytest.mark.slow
+def test_a_campaign_alongside_an_ingest_marks_no_chunk_done_with_rows_missing(trained, train_store, settings, tmp_path):
+    """`gsafe score` and `gsafe ingest` on one store at once (the store's last chunk part-filled, so the
+    ingest grows a chunk the campaign is scoring): every chunk marked done has every row scored, and
+    the next campaign completes the table."""
+    v = trained["version"]
+    url = str(tmp_path / "busy.zarr")
+    shutil.copytree(train_store, url)
+    _npy(tmp_path / "part.npy", 30, 3)
+    first = _gsafe("ingest", str(tmp_path / "part.npy"), "--store", url, settings=settings)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]      # 670 rows: chunk 10 part-filled
+    _npy(tmp_path / "more.npy", 600, 4)
+    score = _gsafe("score", "--store", url, "--model", f"tiny/{v}", "--workers", "1", settings=settings)
+    time.sleep(8)
+    ingest = _gsafe("ingest", str(tmp_path / "more.npy"), "--store", url, settings=settings)
+    for p in (score, ingest):
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    store = SurveyStore.open(url)
+    t = store.score_table("tiny", v)
+    assert t.n <= store.n == 1270
+    score_col, done, cs = t.read(["score"])["score"], t.done_chunks(), store.chunk_size
+    for c in np.nonzero(done)[0]:
+        assert np.isfinite(score_col[c * cs:min((c + 1) * cs, t.n)]).all(), f"chunk {c} marked done with rows unscored"
+    again = _gsafe("score", "--store", url, "--model", f"tiny/{v}", "--workers", "1", settings=settings)
+    assert again.wait(timeout=600) == 0, again.stderr.read()[-3000:]
+    t = SurveyStore.open(url).score_table("tiny", v)
+    assert t.n == 1270 and not t.pending_chunks() and np.isfinite(t.read(["score"])["score"]).all()

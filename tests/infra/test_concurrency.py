@@ -133,7 +133,7 @@ def test_two_writer_processes_keep_every_row_exactly_once(tmp_path, kind, reques
 
 
 def test_an_object_store_lease_is_exclusive_and_a_dead_holders_expires(s3):
-    from infra.locks import LockTimeout, _LeaseBackend
+    from infra.locks import LeaseLost, LockTimeout, _LeaseBackend
 
     url = f"s3://gsafe-test/{uuid.uuid4().hex}.zarr.lock"
     holder, waiter = _LeaseBackend(url, ttl=1.5, poll=0.1), _LeaseBackend(url, ttl=1.5, poll=0.1)
@@ -143,9 +143,15 @@ def test_an_object_store_lease_is_exclusive_and_a_dead_holders_expires(s3):
     holder._stop.set()                     # the holder dies: no more renewals, no release
     holder._renewer.join()
     waiter.acquire(timeout=10)             # taken over once expired
-    holder._stop.clear()
-    assert holder._replace_if(holder._etag) is None     # the dead holder's lease is no longer its own
+    holder._stop.clear()                   # the holder wakes up: its next renewal finds the lease gone ...
+    holder._renew_once = threading.Thread(target=holder._renew, daemon=True)
+    holder._renew_once.start()
+    holder._renew_once.join(timeout=5)
+    with pytest.raises(LeaseLost, match="taken over"):
+        holder.check()                     # ... and it commits nothing
+    holder._stop.set()
     waiter.release()
+    holder._lost = None
     holder.acquire(timeout=5)              # released: free at once
     holder.release()
 
