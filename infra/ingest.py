@@ -111,9 +111,26 @@ def _quarantine_hashes(store: SurveyStore, block: int = 65536) -> np.ndarray:
     return np.sort(out)
 
 
-def _contains(sorted_hashes: np.ndarray, h: int) -> bool:
-    i = int(np.searchsorted(sorted_hashes, np.uint64(h)))
-    return i < len(sorted_hashes) and int(sorted_hashes[i]) == h
+class _Hashes:
+    """A set of 64-bit hashes at ~8 bytes each: a sorted array, and a small Python set (~70 bytes an
+    entry) merged into it every `merge_at` additions, so remembering 10^8 ids costs ~0.8 GB, not 7."""
+
+    def __init__(self, sorted_hashes: np.ndarray | None = None, merge_at: int = 1 << 20):
+        self.sorted = np.empty(0, np.uint64) if sorted_hashes is None else np.asarray(sorted_hashes, np.uint64)
+        self.new: set[int] = set()
+        self.merge_at = merge_at
+
+    def __contains__(self, h: int) -> bool:
+        if h in self.new:
+            return True
+        i = int(np.searchsorted(self.sorted, np.uint64(h)))
+        return i < len(self.sorted) and int(self.sorted[i]) == h
+
+    def add(self, h: int) -> None:
+        self.new.add(h)
+        if len(self.new) >= self.merge_at:
+            self.sorted = np.union1d(self.sorted, np.fromiter(self.new, np.uint64, len(self.new)))
+            self.new = set()
 
 
 class _Writer:
@@ -125,9 +142,8 @@ class _Writer:
         self.buffer: list[Cutout] = []
         self.pending_quarantine: list[tuple[str, str, str]] = []
         self.existing = store.existing_hashes()
-        self.quarantined = _quarantine_hashes(store)
-        self.quarantined_now: set[int] = set()
-        self.seen: set[int] = set()  # id hashes of this run: 8 bytes per object, not the id itself
+        self.quarantined = _Hashes(_quarantine_hashes(store))  # rows recorded, before and during this run
+        self.seen = _Hashes()  # id hashes of this run: ~8 bytes per object, not the id itself
 
     def add(self, item: Cutout | Rejected | Known) -> None:
         if isinstance(item, Rejected):
@@ -139,7 +155,7 @@ class _Writer:
             return
         h = int(id_hash([item.object_id])[0])
         i = int(np.searchsorted(self.existing, np.uint64(h)))
-        if i < len(self.existing) and int(self.existing[i]) == h:
+        if i < len(self.existing) and int(self.existing[i]) == h:  # the store had it (`known` not given)
             self.summary.skipped += 1
             log.debug("ingest: %s: object %s already in %s: skipped", item.source, item.object_id, self.store.url)
             return
@@ -156,11 +172,11 @@ class _Writer:
         self.summary.quarantined += 1
         key = (storable(item.source), storable(item.object_id), storable(item.reason))
         h = _key_hash(key)
-        if h in self.quarantined_now or _contains(self.quarantined, h):
+        if h in self.quarantined:
             self.summary.already_quarantined += 1
             log.debug("ingest: %s: %s: already quarantined", _where(item), item.reason)
             return
-        self.quarantined_now.add(h)
+        self.quarantined.add(h)
         self.pending_quarantine.append(key)
         log.warning("ingest: %s: %s: quarantined", storable(_where(item)), key[2])
         if len(self.pending_quarantine) >= _QUARANTINE_BATCH:

@@ -292,14 +292,22 @@ def test_reader_processes_give_the_same_store_in_the_same_order(cutout_dir, tmp_
     d, good, broken = cutout_dir
     for i in range(9):  # more objects than one batch
         write_cube(d / f"more_{i}.fits", f"more{i}", seed=100 + i)
+    for b, band in enumerate(BANDS):  # and one object in per-band files, its files in different batches
+        primary = fits.PrimaryHDU()
+        primary.header["FILTER"], primary.header["OBJID"] = f"HSC-{band.upper()}", "hsc0"
+        image = fits.ImageHDU(np.full((8, 8), b, np.float32), name="IMAGE")
+        fits.HDUList([primary, image, fits.ImageHDU(np.ones((8, 8), np.float32), name="VARIANCE")]).writeto(
+            d / f"{band}_hsc0.fits")
     one = ingest(str(d), str(tmp_path / "one.zarr"), settings=Settings(home=tmp_path / "h", chunk_size=4,
                                                                        ingest_workers=1), progress=False)
     two = ingest(str(d), str(tmp_path / "two.zarr"), settings=Settings(home=tmp_path / "h", chunk_size=4,
                                                                        ingest_workers=2), progress=False)
-    assert (one.ingested, one.quarantined) == (two.ingested, two.quarantined) == (15, 5)
+    assert (one.ingested, one.quarantined) == (two.ingested, two.quarantined) == (16, 5)
     a, b = _store_content(str(tmp_path / "one.zarr")), _store_content(str(tmp_path / "two.zarr"))
-    assert a[0] == b[0] and a[2] == b[2] and a[3] == b[3]
+    assert a[0] == b[0] and a[2] == b[2] and a[3] == b[3] and "hsc0" in a[0]
     np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(SurveyStore.open(str(tmp_path / "one.zarr")).read_aux("variance"),
+                                  SurveyStore.open(str(tmp_path / "two.zarr")).read_aux("variance"))
 
 
 def test_reader_processes_cut_a_tile_in_catalog_order(tmp_path):
@@ -325,3 +333,13 @@ def test_ingest_task_retries_hiccups_but_not_gsafe_errors():
 
     assert not _worth_retrying(None, None, Failed(data=InputError("src/", "not found")))
     assert _worth_retrying(None, None, Failed(data=OSError("Connection reset by peer")))
+
+
+def test_hash_set_remembers_across_merges():
+    from infra.ingest import _Hashes
+
+    hs = _Hashes(np.array([5, 9], np.uint64), merge_at=3)
+    for h in (1, 7, 3, 2**63 + 11):  # the third addition merges the new ones into the sorted array
+        hs.add(h)
+    assert all(h in hs for h in (1, 3, 5, 7, 9, 2**63 + 11)) and not any(h in hs for h in (0, 2, 8, 2**64 - 1))
+    assert list(hs.sorted) == [1, 3, 5, 7, 9] and hs.new == {2**63 + 11}
