@@ -339,10 +339,13 @@ class SurveyStore:
         return np.sort(np.asarray(self.group["catalog"]["id_hash"][: self.n], dtype=np.uint64))
 
     # ---- writing -------------------------------------------------------------------------
-    def _column(self, parent: str, name: str, values: np.ndarray) -> zarr.Array:
-        grp = self.group[parent]
+    def _column(self, parent: str, name: str, values: np.ndarray, grp: zarr.Group | None = None) -> zarr.Array:
+        grp = self.group[parent] if grp is None else grp
         if name in grp:
             return grp[name]
+        return self._new_column(grp, name, values)
+
+    def _new_column(self, grp: zarr.Group, name: str, values: np.ndarray) -> zarr.Array:
         dt, fill = CORE_COLUMNS.get(name, _dtype_and_fill(values))
         cs = self.chunk_size
         arr = grp.create_array(name, shape=(self.n, *values.shape[1:]), chunks=(cs, *values.shape[1:]),
@@ -404,16 +407,16 @@ class SurveyStore:
                        aux: Mapping[str, np.ndarray] | None, guard) -> tuple[int, int]:
         m = len(images)
         start, stop = self.n, self.n + m
-        # 1. grow and fill every array beyond the committed rows (invisible to readers)
+        # 1. grow and fill every array beyond the committed rows (invisible to readers); each
+        # group's arrays are listed once (on an object store every metadata read is a request)
         targets: list[tuple[zarr.Array, np.ndarray | None]] = [(self.images, images)]
-        for name in set(self.columns) | set(cols):
-            v = cols.get(name)
-            arr = self._column("catalog", name, v) if v is not None else self.group["catalog"][name]
-            targets.append((arr, v))
-        for name in set(self.aux_names) | set(aux or {}):
-            v = None if aux is None else aux.get(name)
-            arr = self._column("aux", name, np.asarray(v)) if v is not None else self.group["aux"][name]
-            targets.append((arr, None if v is None else np.asarray(v)))
+        for parent, values in (("catalog", cols), ("aux", {k: np.asarray(v) for k, v in (aux or {}).items()})):
+            grp = self.group[parent]
+            arrays = dict(grp.arrays())
+            for name in set(arrays) | set(values):
+                v = values.get(name)
+                arr = arrays[name] if name in arrays else self._new_column(grp, name, v)
+                targets.append((arr, v))
         for arr, v in targets:
             arr.resize((stop, *arr.shape[1:]))
             if v is None:  # a column this append does not carry: fill explicitly, a crashed append may have left junk
