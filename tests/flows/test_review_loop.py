@@ -244,3 +244,12 @@ def test_hunt_after_labelling_lists_known_artefact_groups_apart(scored, settings
     latest = lab.latest_labels(SurveyStore.open(url))
     assert tracking.find_relevance(url, settings, "tiny", v, lab.labels_digest(latest)) is not None
     assert r["known_artefacts"] == len(apart)
+
+    # the gallery (explain without rows) shows the review's order: no labelled or suppressed object,
+    # representatives first with their "n more like this"
+    from flows.explain import explain_flow
+
+    g = explain_flow(url, "tiny", v, 6, str(tmp_path / "gallery"), sdict, method="residual")
+    shown = pd.read_csv(Path(g["files"]["csv"]))["object_id"].astype(str)
+    assert len(shown) == 6 and not set(shown) & set(latest["object_id"])
+    assert "more like this: " in Path(g["index"]).read_text(encoding="utf-8")
