@@ -981,8 +981,9 @@ def _read_verified(hdus: list, src: str, stem: str, spec: _Spec, check: _Validat
         roles.setdefault(_role(h), []).append(h)
     if not science:
         return Rejected(src, _header_id(hdus, spec.objid_key) or stem, "no image data in any HDU")
-    flt = _filter_value(hdus, science[0])
-    per_band = (len(science) == 1 and _naxis(science[0].header) == 2 and flt is not None and spec.n_bands != 1)
+    single_plane = len(science) == 1 and _naxis(science[0].header) == 2 and spec.n_bands != 1
+    flt = _filter_value(hdus, science[0]) if single_plane else None  # (each lookup costs: only when it matters)
+    per_band = single_plane and flt is not None
     object_id = _header_id(hdus, spec.objid_key)
     if object_id is None and per_band:
         object_id = _id_without_filter(stem, flt)
