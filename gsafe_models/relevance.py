@@ -10,25 +10,27 @@ Four small pieces, arrays in and arrays out:
   review shows one representative per group before "n more like this";
 - :class:`RelevanceModel`: a Gaussian process regression of the scientist's relevance (0..1) on
   the features, with a predictive uncertainty (as in Astronomaly: Protege);
-- :func:`plan_review`: the review order, combining the anomaly evidence (the q-value), the expected
-  relevance and its uncertainty, and the groups; and :class:`KnownGroups`, the labelled artefact
-  groups a later hunt recognises.
+- :func:`plan_review`: the review order of the candidate pool (the most anomalous objects by
+  p-value), by the expected relevance and its uncertainty, with the groups; and
+  :class:`KnownGroups`, the labelled artefact groups a later hunt recognises.
 
-The query strategy (why it is what it is). Each object's place in the review is its *upper
-confidence bound* of relevance, weighted by the chance that it is a real departure from normal::
+The query strategy (why it is what it is). The candidates are the review pool: the most anomalous
+objects by p-value (the calibrated test decides who is a candidate). Within the pool, each
+candidate's place is its *upper confidence bound* of relevance::
 
-    priority = (1 - q) * (mu + kappa * sigma),        kappa = 1
+    priority = mu + kappa * sigma,        kappa = 1,   ties by p-value
 
 ``mu`` (expected relevance) brings objects like those the scientist called interesting;
 ``sigma`` (the GP's uncertainty) brings objects unlike anything labelled yet, so that a scientist
 who liked lenses early still meets the mergers nobody labelled: a pure ``mu`` ranking would show
 more of the first kind forever. Upper-confidence-bound selection is the standard way to trade the
 two (GP-UCB, Srinivas et al. 2010); ``kappa = 1`` is a one-sigma bound, not tuned. With no label
-yet ``mu = 0`` and ``sigma`` is the same everywhere, so the order is the anomaly order. The
-weight ``1 - q`` keeps the survey's bulk, where the calibrated test sees nothing, out of the way
-of the model's curiosity. Groups with no labelled member show their best member first and the
-rest after every first-shown representative ("n more like this"); labelling a representative as
-artefact can suppress its whole group.
+yet ``mu = 0`` and ``sigma`` is the same everywhere, so the order is the anomaly order. (A first
+version weighted the bound by ``1 - q``; BH q-values reach 1 a few dozen objects past the
+discoveries, which froze the order into the p-value order: the pool is the anomaly prior instead.)
+Groups with no labelled member show their best member first and the rest after every first-shown
+representative ("n more like this"); labelling a representative as artefact can suppress its whole
+group.
 
 What the p- and q-values still mean: nothing here changes them. The re-ranking re-orders what a
 person looks at; the false-discovery statement is about the list ``q <= alpha``, which is the same
@@ -94,8 +96,10 @@ class FeatureSpace:
     Latents ``(N, D)`` are robustly standardised (median, normal-consistent MAD); statistics
     ``(N, S)`` too, then passed through ``asinh`` because their tails are the anomalies and would
     otherwise decide every distance alone. Each view is divided by the square root of its width, so
-    latents and statistics weigh the same whatever ``D`` and ``S``; then the leading principal
-    components (95 % of the variance, at most 16) are kept. Fitted on the candidates it will embed.
+    latents and statistics weigh the same whatever ``D`` and ``S``; then the 16 leading principal
+    components are kept (all when fewer). Not "95 % of the variance": on bench/active.py's survey
+    that rule kept 4 components, and what tells one anomaly class from another lives in the
+    low-variance ones. Fitted on the candidates it will embed.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -121,9 +125,7 @@ class FeatureSpace:
         joined = _join(latents, statistics, zc, zs, sc, ss)
         mean = joined.mean(axis=0)
         _, sv, vt = np.linalg.svd(joined - mean, full_matrices=False)
-        var = sv**2
-        k = int(np.searchsorted(np.cumsum(var) / max(var.sum(), 1e-300), 0.95) + 1)
-        k = max(1, min(k, MAX_COMPONENTS, len(vt)))
+        k = max(1, min(MAX_COMPONENTS, len(vt)))
         return cls(zc, zs, sc, ss, mean, vt[:k])
 
     def transform(self, latents: np.ndarray, statistics: np.ndarray) -> np.ndarray:
@@ -289,38 +291,34 @@ class ReviewPlan:
 
 
 def plan_review(
-    q_value: np.ndarray,
+    p_value: np.ndarray,
     groups: np.ndarray,
     labelled: np.ndarray,
     *,
-    p_value: np.ndarray | None = None,
     features: np.ndarray | None = None,
     targets: np.ndarray | None = None,
     suppressed_groups: np.ndarray | None = None,
     model: RelevanceModel | None = None,
     kappa: float = KAPPA,
 ) -> ReviewPlan:
-    """The next review order of N candidates (see the module's docstring for the strategy).
+    """The next review order of N candidates, the review pool (see the module's docstring).
 
     Arguments:
-        q_value: ``(N,)`` Benjamini-Hochberg q-values of the candidates (NaN = not scored: last).
+        p_value: ``(N,)`` p-values of the candidates: the cold-start order and the tie-break (NaN last).
         groups: ``(N,)`` group ids (:func:`group_candidates`).
         labelled: ``(N,)`` bool, candidates the scientist has labelled (they leave the order).
-        p_value: ``(N,)`` p-values, to break ties (default: the q-values).
         features: ``(N, k)`` candidate features; needed with labels.
         targets: ``(N,)`` relevance in 0..1 where `labelled` (:func:`relevance_target`), else ignored.
         suppressed_groups: group ids the scientist suppressed (labelled artefact as a group).
         model: a fitted relevance model to use instead of fitting one on (features, targets).
         kappa: weight of the uncertainty (exploration); default one sigma.
     """
-    q = np.asarray(q_value, np.float64)
-    n = len(q)
+    p = np.asarray(p_value, np.float64)
+    n = len(p)
     groups = np.asarray(groups)
     labelled = np.asarray(labelled, bool)
-    p = np.asarray(p_value if p_value is not None else q, np.float64)
-    if len(groups) != n or len(labelled) != n or len(p) != n:
-        raise ValueError(f"plan_review: q_value, groups, labelled and p_value must have one entry per candidate ({n})")
-    weight = np.clip(1.0 - np.nan_to_num(q, nan=1.0), 0.0, 1.0)
+    if len(groups) != n or len(labelled) != n:
+        raise ValueError(f"plan_review: p_value, groups and labelled must have one entry per candidate ({n})")
     if model is None and labelled.any():
         if features is None or targets is None:
             raise ValueError("plan_review: labelled candidates need features and targets to learn from")
@@ -331,7 +329,7 @@ def plan_review(
         mu, sigma = model.predict(np.asarray(features))
     else:
         mu, sigma = np.zeros(n), np.ones(n)
-    priority = weight * (mu + kappa * sigma)
+    priority = mu + kappa * sigma
     sup = np.isin(groups, np.asarray(suppressed_groups if suppressed_groups is not None else [], dtype=groups.dtype))
     open_ = ~labelled & ~sup
     # best first; ties (e.g. before any label) by p-value, then by position

@@ -86,8 +86,8 @@ class ReviewSession:
         reps = {v for v in state["via"][state["group_scope"]]}
         rep_groups = [self.groups[self.index[r]] for r in reps if r in self.index]
         suppressed = np.unique(np.concatenate([suppressed, np.asarray(rep_groups, dtype=self.groups.dtype)]))
-        p = rel.plan_review(self.pool.q_value, self.groups, state["labelled"], p_value=self.pool.p_value,
-                            features=self.X, targets=state["target"], suppressed_groups=suppressed)
+        p = rel.plan_review(self.pool.p_value, self.groups, state["labelled"], features=self.X,
+                            targets=state["target"], suppressed_groups=suppressed)
         known = np.nonzero(state["group_scope"] & (state["label"] == "artefact"))[0]
         return Plan(p.order, p.first_pass, p.more_like_this, np.concatenate([known, p.suppressed]).astype(int),
                     state["labelled"], state["label"], p.mu, p.sigma)

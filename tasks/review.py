@@ -295,7 +295,7 @@ def diverse_rows_task(store_url: str, name: str, version: int, k: int, payload: 
     latest = lab.latest_labels(store) if lab.TABLE in store.tables() else lab.read_labels(store)
     state = label_state(latest, pool.ids)
     suppressed = np.unique(groups[state["group_scope"] & (state["label"] == "artefact")])
-    plan = rel.plan_review(pool.q_value, groups, state["labelled"], p_value=pool.p_value, features=X,
+    plan = rel.plan_review(pool.p_value, groups, state["labelled"], features=X,
                            targets=state["target"], suppressed_groups=suppressed)
     order = plan.order[:k]
     return pool.rows[order].astype(int).tolist(), [int(plan.more_like_this[i]) if f else 0
