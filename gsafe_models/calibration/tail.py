@@ -174,10 +174,9 @@ class TailCalibrator:
         y = values[values > threshold] - threshold
         if y.size == 0:
             return default
-        res = optimize.minimize_scalar(
-            lambda ls: y.size * ls + (1 + 1 / shape) * np.log1p(shape * y / math.exp(ls)).sum(),
-            bounds=(math.log(y.mean()) - 10, math.log(y.mean()) + 5), method="bounded")
-        return float(math.exp(res.x))
+        # scipy's fit with the shape and location fixed; its default optimizer stops at ~1e-5,
+        # a tighter one gives the maximum to double precision
+        return float(stats.genpareto.fit(y, fc=shape, floc=0, optimizer=_tight_fmin)[2])
 
     def _outliers(self, values: np.ndarray) -> int:
         r"""Returns how many of the largest sorted `values` are outliers of the rest.
@@ -230,8 +229,7 @@ class TailCalibrator:
             free = _censored_gpd(observed, censor, k)
             if 2 * (nll_capped - free[2]) > stats.chi2.ppf(0.99, 1):
                 shape, scale = free[0], free[1]
-            x = (top - threshold) / scale
-            log_q = math.log(m / n) + (-np.log1p(shape * x) / shape if shape > 1e-9 else -x)
+            log_q = math.log(m / n) + stats.genpareto.logsf(top - threshold, shape, scale=scale)
         # the r-th largest as the largest of the n - r + 1 values left once those above it are out
         r = np.arange(1, k + 1)
         significant = -np.expm1((n - r + 1) * np.log1p(-np.minimum(np.exp(log_q), 1.0))) < self.trim_alpha / k
@@ -249,9 +247,7 @@ class TailCalibrator:
         self._log_tail0 = math.log((1 + r) / (n + r + 1)) - self._gpd_logsf(values[-1] - threshold)
 
     def _gpd_logsf(self, x: np.ndarray) -> np.ndarray:
-        if self.shape > 0:
-            return -np.log1p(self.shape * x / self.scale) / self.shape
-        return -x / self.scale
+        return stats.genpareto.logsf(x, self.shape, scale=self.scale)
 
     @property
     def n(self) -> int:
@@ -309,6 +305,10 @@ class TailCalibrator:
         return self
 
 
+
+
+def _tight_fmin(func, x0, args=(), disp=0):
+    return optimize.fmin(func, x0, args=args, xtol=1e-12, ftol=1e-14, maxiter=2000, disp=disp)
 
 
 def _censored_gpd(y: np.ndarray, censor: float, k: int, max_shape: float = 2.0) -> tuple[float, float, float]:

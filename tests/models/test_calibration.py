@@ -120,6 +120,18 @@ def test_tail_calibrator_handles_tied_and_tiny_calibration_sets():
         assert 0 < p[1] < p[0] < 1 / (calib.size + 1)
 
 
+@pytest.mark.parametrize("shape", [0.25, 0.5])
+def test_scale_at_fixed_shape_solves_the_gpd_likelihood_equation(shape):
+    # d/d(sigma) of the GPD log-likelihood at fixed shape c vanishes where
+    # n = (1 + 1/c) sum(c y / (sigma + c y))
+    values = np.sort(np.random.default_rng(0).gamma(2.0, size=400))
+    threshold = values[300]
+    sigma = TailCalibrator._scale_given_shape(values, threshold, shape, default=1.0)
+    y = values[values > threshold] - threshold
+    assert (1 + 1 / shape) * (shape * y / (sigma + shape * y)).sum() == pytest.approx(y.size, rel=1e-7)
+    assert TailCalibrator._scale_given_shape(values, values[-1], shape, default=7.0) == 7.0
+
+
 def test_tail_calibrator_refuses_non_finite_calibration():
     with pytest.raises(ValueError, match="1 of 3 calibration statistics are NaN"):
         TailCalibrator().fit(np.array([1.0, np.nan, 2.0]))
@@ -333,10 +345,39 @@ def test_bh_qvalues_hand_computed_example():
     np.testing.assert_allclose(bh_qvalues(p), [0.025, 0.05, 0.05, 0.025, 0.9, np.nan])
 
 
-def test_bh_qvalues_match_scipy_false_discovery_control():
-    p = np.random.default_rng(0).uniform(size=(20, 50)) ** 3
-    expected = stats.false_discovery_control(p.ravel()).reshape(p.shape)
-    np.testing.assert_allclose(bh_qvalues(p), expected, rtol=1e-12)
+def _bh_by_definition(p: np.ndarray) -> np.ndarray:
+    """q_i = min over the p-values p_j >= p_i of min(1, m p_j / rank_j), written out (O(m^2)); NaN left out of m."""
+    q = np.full(p.shape, np.nan)
+    ok = ~np.isnan(p)
+    v = p[ok]
+    rank = np.array([(v <= x).sum() for x in v])   # ties share the highest rank
+    q[ok] = [min(1.0, min(v.size * v[j] / rank[j] for j in range(v.size) if v[j] >= x)) for x in v]
+    return q
+
+
+def test_bh_qvalues_match_the_definition_with_ties_and_nans():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=300) ** 3
+    p[::7] = np.round(p[::7], 2)           # ties
+    p[[3, 50, 299]] = np.nan                # objects not scored
+    p[[10, 11]] = [0.0, 1.0]
+    q, expected = bh_qvalues(p), _bh_by_definition(p)
+    np.testing.assert_allclose(q, expected, rtol=1e-15, atol=0)
+    np.testing.assert_array_equal(np.isnan(q), np.isnan(p))
+    for alpha in (0.01, 0.05, 0.1, 0.2):    # the same discoveries
+        np.testing.assert_array_equal(q <= alpha, expected <= alpha)
+    np.testing.assert_array_equal(bh_qvalues(p.reshape(20, 15)), q.reshape(20, 15))
+
+
+def test_bh_qvalues_of_nothing_and_of_nans_only():
+    assert bh_qvalues(np.array([])).shape == (0,)
+    assert np.isnan(bh_qvalues(np.array([np.nan, np.nan]))).all()
+    assert bh_qvalues(np.array([0.3]))[0] == 0.3
+
+
+def test_bh_qvalues_refuse_values_that_are_not_pvalues():
+    with pytest.raises(ValueError, match="1 of 3 p-values lie outside"):
+        bh_qvalues(np.array([0.1, 1.5, np.nan]))
 
 
 def test_bh_qvalues_are_monotone_in_p_and_at_most_one():
