@@ -1,7 +1,9 @@
 """Detection metrics on labelled surveys: AUROC, average precision, precision@k, realised FDR.
 
-Arrays in, floats out; ``labels`` are 1 for anomalies, 0 for normal objects, ``scores`` larger =
-more anomalous.
+Arrays in, floats out; ``labels`` are 1 (or any true value) for anomalies, 0 for normal objects,
+``scores`` larger = more anomalous. AUROC and average precision are scikit-learn's
+(:func:`sklearn.metrics.roc_auc_score`, :func:`sklearn.metrics.average_precision_score`); this
+module adds NaN where a class is empty instead of an exception, and the survey-side metrics.
 
 Example:
     >>> auroc(np.array([0.1, 0.9, 0.3]), np.array([0, 1, 0]))
@@ -11,36 +13,50 @@ Example:
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
+
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 __all__ = ["auroc", "average_precision", "precision_at_k", "realised_fdr", "per_class_report"]
 
 
+def _scores_and_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).astype(bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"metrics: {s.size} scores but {y.size} labels; give one label per scored object")
+    return s, y
+
+
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann–Whitney U with mid-ranks for ties); NaN if one class is empty."""
-    s = np.asarray(scores, float)
-    y = np.asarray(labels).astype(bool)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
+    """Area under the ROC curve (ties count one half: the Mann-Whitney U); NaN if a class is empty
+    or a score is NaN (an object not scored).
+
+    Arguments:
+        scores: Per-object scores, shape (N,), larger = more anomalous.
+        labels: Per-object labels, shape (N,), true = anomaly.
+    """
+    s, y = _scores_and_labels(scores, labels)
+    if y.all() or not y.any() or np.isnan(s).any():
         return float("nan")
-    r = rankdata(s)
-    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return float(roc_auc_score(y, s))
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Average precision (area under the precision–recall curve, step-wise, as scikit-learn)."""
-    s = np.asarray(scores, float)
-    y = np.asarray(labels).astype(bool)
-    if not y.any():
+    """Average precision: the mean, over the anomalies, of the precision of the list down to each
+    one's score (tied scores enter the list together); NaN without anomalies or with a NaN score.
+
+    Arguments:
+        scores: Per-object scores, shape (N,), larger = more anomalous.
+        labels: Per-object labels, shape (N,), true = anomaly.
+    """
+    s, y = _scores_and_labels(scores, labels)
+    if not y.any() or np.isnan(s).any():
         return float("nan")
-    order = np.argsort(-s, kind="stable")
-    hits = y[order]
-    prec = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(prec[hits].sum() / hits.sum())
+    return float(average_precision_score(y, s))
 
 
 def precision_at_k(scores: np.ndarray, labels: np.ndarray, k: int = 50) -> float:
-    """Share of true anomalies among the `k` highest scores."""
+    """Share of true anomalies among the `k` highest scores (ties in index order); NaN without objects."""
     s = np.asarray(scores, float)
     k = min(k, len(s))
     if k == 0:
@@ -50,7 +66,14 @@ def precision_at_k(scores: np.ndarray, labels: np.ndarray, k: int = 50) -> float
 
 
 def realised_fdr(q_values: np.ndarray, labels: np.ndarray, alpha: float = 0.1) -> tuple[float, int]:
-    """(false discovery proportion, number of discoveries) of the list {q <= alpha}."""
+    """(false discovery proportion, number of discoveries) of the list {q <= alpha}.
+
+    The false discoveries are ``round(fdp * n)``: objects listed whose label is 0 (not anomalies).
+
+    Example:
+        >>> realised_fdr(np.array([0.01, 0.05, 0.5, 0.02]), np.array([1, 0, 1, 1]))
+        (0.3333333333333333, 3)
+    """
     sel = np.asarray(q_values) <= alpha
     n = int(sel.sum())
     if n == 0:
