@@ -10,29 +10,26 @@ import torch.nn as nn
 
 from torch import Tensor
 
-MAD_TO_SIGMA = 1.4826  # sigma of a Gaussian per unit median absolute deviation
+from .robust import robust_scale
 
 
 def _clipped_median_mad(values: np.ndarray, sigma: float = 3.0, iterations: int = 5) -> tuple[float, float]:
-    r"""Returns the sigma-clipped median and :math:`1.4826 \times` MAD of a 1-D sample."""
+    r"""Returns the sigma-clipped median and :math:`1.4826 \times` MAD of a 1-D sample
+    (:func:`~gsafe_models.robust.robust_scale` after clipping)."""
 
     v = values[np.isfinite(values)]
     if v.size == 0:
         return 0.0, 1.0
     for _ in range(iterations):
-        med = np.median(v)
-        noise = MAD_TO_SIGMA * np.median(np.abs(v - med))
+        med, noise = robust_scale(v, fallback=False)
         if noise <= 0:
             break
         keep = np.abs(v - med) < sigma * noise
         if keep.all() or keep.sum() < 10:
             break
         v = v[keep]
-    med = float(np.median(v))
-    noise = float(MAD_TO_SIGMA * np.median(np.abs(v - med)))
-    if not noise > 0:  # constant or near-constant band: fall back on the spread, then on 1
-        noise = float(np.std(v)) or 1.0
-    return med, noise
+    med, noise = robust_scale(v)   # constant or near-constant band: the spread, then 1
+    return float(med), float(noise)
 
 
 class BandNormaliser(nn.Module):

@@ -12,6 +12,7 @@ import torch
 from scipy import stats
 
 from ..density import GaussianMixture
+from ..robust import robust_scale
 from .tail import _check_calib
 
 class JointDensity:
@@ -21,8 +22,8 @@ class JointDensity:
     Unlike combining one-sided p-values, the joint density also flags objects whose
     statistics are atypically *small* or whose combination is unusual (typicality).
     Each statistic is mapped to a roughly Gaussian scale by a robust standardisation
-    (median, IQR) and a Yeo-Johnson transform with :math:`\lambda \in [0, 2]` (the range
-    where the transform is unbounded on both sides, so extreme objects stay ordered),
+    (median and MAD, :func:`~gsafe_models.robust.robust_scale`) and a Yeo-Johnson transform
+    with :math:`\lambda \in [0, 2]` (the range where the transform is unbounded on both sides, so extreme objects stay ordered),
     then a full-covariance :class:`GaussianMixture` is fitted with its number of
     components chosen by BIC. The statistic is :math:`-\log p` in that transformed space.
 
@@ -65,12 +66,7 @@ class JointDensity:
         if S.shape[0] > self.max_fit:
             S = S[np.random.default_rng(self.seed).choice(S.shape[0], self.max_fit, replace=False)]
 
-        self.center = np.median(S, axis=0)
-        q75, q25 = np.percentile(S, [75, 25], axis=0)
-        scale = (q75 - q25) / 1.349  # IQR of a standard normal
-        fallback = S.std(0)
-        scale = np.where(scale > 0, scale, np.where(fallback > 0, fallback, 1.0))
-        self.scale = scale
+        self.center, self.scale = robust_scale(S, axis=0)
 
         X = (S - self.center) / self.scale
         self.lmbda = np.array([np.clip(stats.yeojohnson_normmax(x), 0.0, 2.0) for x in X.T])
