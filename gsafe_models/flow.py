@@ -4,13 +4,14 @@ __all__ = [
     "LatentFlow",
 ]
 
-import copy
 import math
 
 import torch
 
 from torch import Tensor
 from zuko.flows import MAF
+
+from .training import EarlyStopping
 
 
 class LatentFlow(torch.nn.Module):
@@ -149,7 +150,8 @@ class LatentFlow(torch.nn.Module):
         val = (val - self.mean) / self.std
 
         optimizer = torch.optim.Adam(self.flow.parameters(), lr=lr)
-        best_nll, best_state, stale = math.inf, copy.deepcopy(self.flow.state_dict()), 0
+        # without a validation split there is nothing to stop on: every epoch runs, the last is kept
+        stopper = EarlyStopping(self.flow, patience if n_val > 0 else None, min_delta=1e-6)
         self.history = []
 
         for _ in range(epochs):
@@ -173,15 +175,11 @@ class LatentFlow(torch.nn.Module):
                 nll = total / len(train)
             self.history.append(nll)
 
-            if nll < best_nll - 1e-6:
-                best_nll, best_state, stale = nll, copy.deepcopy(self.flow.state_dict()), 0
-            elif n_val > 0:
-                stale += 1
-                if stale >= patience:
-                    break
+            if stopper.step(nll):
+                break
 
         if n_val > 0:
-            self.flow.load_state_dict(best_state)
+            stopper.restore()
         self.flow.eval()
 
         return self

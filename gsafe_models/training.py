@@ -1,6 +1,7 @@
 r"""One training loop for every representation: streaming, device-agnostic, seeded, early-stopped."""
 
 __all__ = [
+    "EarlyStopping",
     "fit_representation",
     "resolve_device",
 ]
@@ -43,6 +44,58 @@ def _deterministic(enabled: bool):
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
+
+class EarlyStopping:
+    r"""Watches one loss per epoch, keeps the weights of the best epoch and says when to stop.
+
+    The one early-stopping rule of gsafe's training loops: an epoch improves when its loss is
+    below the best so far by more than `min_delta`; after `patience` epochs in a row without
+    improvement, :meth:`step` says stop; :meth:`restore` loads the best epoch's weights (the
+    weights at construction if no epoch improved, e.g. every loss was NaN).
+
+    Arguments:
+        module: The module whose :py:`state_dict` is kept.
+        patience: Epochs without improvement before stopping; None never stops (the best
+            weights are still kept).
+        min_delta: The margin an improvement must beat the best by.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> stopper = EarlyStopping(net, patience=2)
+        >>> [stopper.step(loss) for loss in (3.0, 2.0, 2.5, 2.1)]
+        [False, False, False, True]
+        >>> stopper.best, stopper.best_epoch
+        (2.0, 1)
+    """
+
+    def __init__(self, module: torch.nn.Module, patience: int | None = None, min_delta: float = 0.0) -> None:
+        if patience is not None and patience < 1:
+            raise ValueError(f"EarlyStopping: patience={patience} must be >= 1 (or None: never stop)")
+        self.module = module
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best = math.inf
+        self.best_epoch: int | None = None
+        self.epochs = 0
+        self.stale = 0
+        self._state = copy.deepcopy(module.state_dict())
+
+    def step(self, loss: float) -> bool:
+        r"""Records one epoch's watched loss; returns whether to stop now."""
+
+        epoch, self.epochs = self.epochs, self.epochs + 1
+        if loss < self.best - self.min_delta:
+            self.best, self.best_epoch, self.stale = float(loss), epoch, 0
+            self._state = copy.deepcopy(self.module.state_dict())
+            return False
+        self.stale += 1
+        return self.patience is not None and self.stale >= self.patience
+
+    def restore(self) -> None:
+        r"""Loads the weights of the best epoch into the module."""
+
+        self.module.load_state_dict(self._state)
 
 
 def _dihedral(x: Tensor, k: int) -> Tensor:
@@ -124,7 +177,7 @@ def fit_representation(
         return torch.autocast("cuda", dtype=amp_dtype) if cuda else contextlib.nullcontext()
 
     history: list[dict] = []
-    best, best_state, stale = math.inf, None, 0
+    stopper = EarlyStopping(model, patience)
 
     with _deterministic(not cuda):
         torch.manual_seed(seed)
@@ -173,16 +226,9 @@ def fit_representation(
             if progress is not None:
                 progress({"event": "epoch", **record})
 
-            watched = record["train_loss"] if val_loss is None else val_loss
-            if watched < best:
-                best, stale = watched, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                stale += 1
-                if stale >= patience:
-                    break
+            if stopper.step(record["train_loss"] if val_loss is None else val_loss):
+                break
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    stopper.restore()
     model.eval()
     return history

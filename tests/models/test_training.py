@@ -8,7 +8,7 @@ import torch
 
 from gsafe_models.nets import VAE, AutoEncoder
 from gsafe_models.normalise import BandNormaliser
-from gsafe_models.training import fit_representation
+from gsafe_models.training import EarlyStopping, fit_representation
 
 
 def _data(n=64, seed=0):
@@ -76,3 +76,31 @@ def test_progress_reports_batches_and_epochs():
     assert sum(e["event"] == "epoch" for e in events) == 3
     assert sum(e["event"] == "batch" for e in events) == 6
     assert all("epoch" not in e for e in events if e["event"] == "batch")
+
+
+def test_early_stopping_rule_shared_by_every_training_loop():
+    net = torch.nn.Linear(2, 1)
+    stopper = EarlyStopping(net, patience=2, min_delta=0.1)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    assert not stopper.step(5.0)                       # best: weights 1
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+    assert not stopper.step(4.95)                      # within min_delta: no improvement
+    assert stopper.step(6.0)                           # second epoch without one: stop
+    stopper.restore()
+    assert torch.all(net.weight == 1.0) and (stopper.best, stopper.best_epoch) == (5.0, 0)
+
+    never = EarlyStopping(net, patience=None)          # keeps the best, never says stop
+    assert not any(never.step(x) for x in (1.0, *[2.0] * 50))
+
+    fresh = torch.nn.Linear(2, 1)
+    initial = fresh.weight.detach().clone()
+    nan = EarlyStopping(fresh, patience=1)
+    with torch.no_grad():
+        fresh.weight.fill_(float("nan"))
+    assert nan.step(float("nan"))                      # a NaN loss never improves
+    nan.restore()
+    assert torch.equal(fresh.weight, initial)          # the weights from before training
+    with pytest.raises(ValueError, match="patience=0"):
+        EarlyStopping(net, patience=0)
