@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
 from flows.score import run_campaign
-from gsafe_models.metrics import auroc, average_precision, realised_fdr
-from gsafe_models.uniformity import calibration_ks  # the one-sided KS check, shared with the hunt's drift alarm
 from infra import tracking
 from infra.errors import StoreError
 from infra.settings import Settings
 from infra.store import SurveyStore
-from tasks.score import null_calibration_size
+from tasks.promote import validation_metrics_task
 
-__all__ = ["promote_flow", "calibration_ks"]
-
-
-@task(name="validation-metrics", cache_policy=NO_CACHE)
-def validation_metrics_task(store_url: str, name: str, version: int, alpha: float = 0.1) -> dict:
-    n_calib = null_calibration_size(name, version)
-    store = SurveyStore.open(store_url)
-    cat = store.read_catalog(["label"])
-    cols = store.score_table(name, version).read(["score", "p_value", "q_value"])
-    y = cat["label"]
-    keep = y >= 0
-    ks, crit = calibration_ks(cols["p_value"][keep & (y == 0)], n_calib)
-    fdr, n_disc = realised_fdr(cols["q_value"][keep], y[keep], alpha)
-    return {"auroc": auroc(cols["score"][keep], y[keep]), "ap": average_precision(cols["score"][keep], y[keep]),
-            "ks": ks, "ks_critical": crit, "calibrated": bool(ks <= crit), "fdr": fdr, "discoveries": n_disc}
+__all__ = ["promote_flow"]
 
 
 @flow(name="promote", log_prints=False)

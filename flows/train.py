@@ -13,16 +13,16 @@ __all__ = ["train_flow"]
 
 @flow(name="train", log_prints=False)
 def train_flow(store_url: str, name: str, config: dict, settings: dict) -> dict:
-    import mlflow
-
+    """Train a Detector on the train split of `store_url` (early stopping on the val split, calibration
+    on the calib split), evaluate it on the val split, and register it as a new version of model `name`
+    with alias `challenger`; the MLflow run holds the config, per-epoch losses and metrics."""
     s = Settings(**settings)
     tracking.check_model_name(name)          # before hours of training, not at registration
     tracking.configure(s)
-    exp = tracking.experiment_for_store(store_url, s)
-    with mlflow.start_run(experiment_id=exp, run_name=f"train-{name}") as run:
-        mlflow.log_params(config_params(config) | {"store": store_url, "model": name})
-        payload = fit_detector_task(store_url, config, settings, run_id=run.info.run_id)
+    params = config_params(config) | {"store": store_url, "model": name}
+    with tracking.run(store_url, s, f"train-{name}", params=params) as run_id:
+        payload = fit_detector_task(store_url, config, settings, run_id=run_id)
         metrics = evaluate_task(store_url, payload)
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         version = register_task(payload, name, store_url, metrics)
-    return {"name": name, "version": version, "run_id": run.info.run_id, "metrics": metrics}
+    return {"name": name, "version": version, "run_id": run_id, "metrics": metrics}

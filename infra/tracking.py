@@ -7,20 +7,24 @@ A reference is resolved to a version number once, when a command starts, so a ru
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from infra.errors import ModelRefError, TrackingError
 from infra.settings import Settings
 
 __all__ = ["ModelRef", "configure", "experiment_for_store", "parse_ref", "resolve", "log_detector",
-           "download_detector", "set_alias", "get_alias_version", "set_version_tags", "version_tags"]
+           "download_detector", "set_alias", "get_alias_version", "set_version_tags", "version_tags",
+           "run", "log_metrics", "log_artifacts", "log_run"]
 
 log = logging.getLogger("gsafe.tracking")
 DETECTOR_FILE = "detector.pt"
@@ -156,12 +160,11 @@ def log_detector(payload: bytes, *, name: str, python_model: Any, signature: Any
     and a version already registered with the same bytes is reused, so a retried registration
     (a lost connection after the server created the version) never makes a duplicate.
     """
-    import mlflow
-    from mlflow import MlflowClient
-
-    import contextlib
     import io
     import warnings
+
+    import mlflow
+    from mlflow import MlflowClient
 
     tags = {"gsafe.sha256": hashlib.sha256(payload).hexdigest(), **(tags or {})}
     existing = find_version(name, tags["gsafe.sha256"])
@@ -185,18 +188,55 @@ def log_detector(payload: bytes, *, name: str, python_model: Any, signature: Any
     return version
 
 
-def log_run(store_url: str, settings: Settings, run_name: str, *, tags: Mapping[str, Any],
-            metrics: Mapping[str, float]) -> str:
-    """One run in the store's experiment with these tags and metrics (e.g. a hunt); returns its id."""
-    import math
-
+@contextlib.contextmanager
+def run(store_url: str, settings: Settings, run_name: str, *, tags: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None) -> Iterator[str]:
+    """A run in the store's experiment, active inside the block (models logged there belong to it),
+    with these tags and params; yields its id."""
     import mlflow
 
     exp = experiment_for_store(store_url, settings)
     with mlflow.start_run(experiment_id=exp, run_name=run_name,
-                          tags={k: str(v)[:5000] for k, v in tags.items()}) as run:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))})
-        return run.info.run_id
+                          tags={k: str(v)[:5000] for k, v in (tags or {}).items()}) as active:
+        if params:
+            mlflow.log_params(dict(params))
+        yield active.info.run_id
+
+
+def log_metrics(metrics: Mapping[str, float], *, run_id: str | None = None, step: int | None = None,
+                finite_only: bool = False) -> None:
+    """Log numeric `metrics` (other values are left out) to the active run, or to run `run_id`
+    from anywhere (a task's progress callback); `finite_only` leaves out NaN and infinities."""
+    import mlflow
+
+    values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if finite_only:
+        values = {k: v for k, v in values.items() if math.isfinite(v)}
+    if not values:
+        return
+    if run_id is None:
+        mlflow.log_metrics(values, step=step)
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in values.items()])
+
+
+def log_artifacts(local_dir: str | Path, artifact_path: str | None = None) -> None:
+    """Log the files under `local_dir` to the active run (under `artifact_path`)."""
+    import mlflow
+
+    mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)
+
+
+def log_run(store_url: str, settings: Settings, run_name: str, *, tags: Mapping[str, Any],
+            metrics: Mapping[str, float]) -> str:
+    """One run in the store's experiment with these tags and (finite) metrics (e.g. a hunt); returns its id."""
+    with run(store_url, settings, run_name, tags=tags) as run_id:
+        log_metrics(metrics, finite_only=True)
+        return run_id
 
 
 def download_detector(ref: ModelRef) -> bytes:

@@ -38,28 +38,20 @@ def fit_detector_task(store_url: str, config: dict, settings: dict, run_id: str 
     val = StoreBatches(store_url, split["val"], cfg.batch_size)
     calib = StoreBatches(store_url, split["calib"], cfg.batch_size)
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not s.progress)
-    client = _client() if run_id else None
 
     def progress(event: dict) -> None:
         if "epoch" in event:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in event.items() if isinstance(v, float)})
-            if client is not None:
-                for k, v in event.items():
-                    if isinstance(v, (int, float)) and k != "epoch":
-                        client.log_metric(run_id, k, float(v), step=int(event["epoch"]))
+            if run_id:
+                tracking.log_metrics({k: v for k, v in event.items() if k != "epoch"}, run_id=run_id,
+                                     step=int(event["epoch"]))
         elif event.get("stage"):
             bar.set_description(f"train: {event['stage']}")
 
     det = Detector.fit(train, calib, config=cfg, val=val, bands=store.bands, progress=progress)
     bar.close()
     return det.to_bytes()
-
-
-def _client():
-    from mlflow import MlflowClient
-
-    return MlflowClient()
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

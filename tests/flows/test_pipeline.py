@@ -100,6 +100,8 @@ def test_sigkill_mid_campaign_then_restart_gives_identical_scores(trained, train
 
 
 def test_worker_killed_mid_campaign_flow_finishes(trained, train_store, settings, sdict, flows_ctx, tmp_path):
+    """A Dask worker SIGKILLed while chunks are still pending: the nanny restarts it, its chunks are
+    redone elsewhere, and the campaign ends complete and finite."""
     from distributed import Client, LocalCluster
     from prefect_dask import DaskTaskRunner
 
@@ -107,25 +109,32 @@ def test_worker_killed_mid_campaign_flow_finishes(trained, train_store, settings
 
     url = _copy(train_store, tmp_path, "w.zarr")
     v = trained["version"]
+    n_chunks = len(SurveyStore.open(url).chunk_bounds())
+    kill = {}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         pids = list(client.run(os.getpid).values())
 
         def kill_one():
-            t0 = time.time()
-            while time.time() - t0 < 120:
+            deadline = time.time() + 120
+            while time.time() < deadline:
                 try:
-                    if SurveyStore.open(url).score_table("tiny", v).done_chunks().sum() >= 1:
-                        break
-                except Exception:
-                    pass
+                    done = int(SurveyStore.open(url).score_table("tiny", v).done_chunks().sum())
+                except Exception:  # table not created yet
+                    done = 0
+                if 1 <= done < n_chunks - 1:
+                    os.kill(pids[0], signal.SIGKILL)
+                    kill["done_at_kill"] = done
+                    return
                 time.sleep(0.05)
-            os.kill(pids[0], signal.SIGKILL)
 
         killer = threading.Thread(target=kill_one, daemon=True)
         killer.start()
         r = score_flow.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))(url, "tiny", v, sdict)
         killer.join(5)
+        restarted = set(client.run(os.getpid).values())
+    assert "done_at_kill" in kill, "the kill landed before or after the campaign; make the survey larger"
+    assert 0 < kill["done_at_kill"] < n_chunks and pids[0] not in restarted   # it did die mid-campaign
     store = SurveyStore.open(url)
     t = store.score_table("tiny", v)
     assert r["n"] == store.n and not t.pending_chunks()

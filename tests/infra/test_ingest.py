@@ -329,7 +329,7 @@ def test_ingest_task_retries_hiccups_but_not_gsafe_errors():
     """A missing source fails the same way every time: no retries; a file-system hiccup may pass."""
     from prefect.states import Failed
 
-    from flows.ingest import _worth_retrying
+    from tasks.ingest import _worth_retrying
 
     assert not _worth_retrying(None, None, Failed(data=InputError("src/", "not found")))
     assert _worth_retrying(None, None, Failed(data=OSError("Connection reset by peer")))
