@@ -37,6 +37,9 @@ HOME = typer.Option(None, "--home", help="where gsafe keeps MLflow and Prefect s
 VERBOSE = typer.Option(False, "--verbose", "-v", help="show Prefect, Dask and MLflow logs (and tracebacks)")
 DASK = typer.Option(None, "--dask-address", help="tcp://host:port of an existing Dask scheduler (default: a LocalCluster sized to this machine)")
 WORKERS = typer.Option(None, "--workers", help="workers of the local Dask cluster (default: one per core, or per GPU)")
+CONFIG = typer.Option(None, "--config", help="TOML settings file: the settings the GSAFE_* variables set, by name "
+                                             "(home = \"/data/gsafe\", chunk_size = 2048...; env GSAFE_CONFIG); "
+                                             "flags win over the environment, the environment over the file")
 JSON = typer.Option(False, "--json", help="print one JSON object on stdout (for scripts) instead of text")
 STORE = typer.Option(..., "--store", help="survey store (path or s3://-style URL)")
 MODEL_REF = typer.Option(..., "--model", help="NAME, NAME@alias or NAME/version")
@@ -123,17 +126,23 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _setup(home: Optional[Path] = None, verbose: bool = False, as_json: bool = False, **overrides) -> Settings:
-    """The settings from flags and environment, validated; the environment set up for flows."""
+def _setup(home: Optional[Path] = None, verbose: bool = False, as_json: bool = False, config: Optional[Path] = None,
+           **overrides) -> Settings:
+    """The settings from flags, environment and settings file, validated; the environment set up for flows."""
     from pydantic import ValidationError
 
     from infra.runtime import configure_environment
 
     _STATE.update(json=as_json, verbose=verbose)
     try:
-        s = get_settings(home=home, verbose=verbose or None, **overrides)
+        s = get_settings(config=config, home=home, verbose=verbose or None, **overrides)
+    except GsafeError as e:       # the settings file: missing, not TOML, an unknown key
+        _fail(str(e), e.exit_code)
     except ValidationError as e:
-        what = "; ".join(f"{_FLAGS.get(str(err['loc'][0]), 'GSAFE_' + str(err['loc'][0]).upper())} "
+        from infra.settings import config_file
+
+        also = f" (or the settings file {config_file()})" if config_file() else ""
+        what = "; ".join(f"{_FLAGS.get(str(err['loc'][0]), 'GSAFE_' + str(err['loc'][0]).upper())}{also} "
                          f"{err.get('input')!r}: {err['msg'].lower()}" for err in e.errors())
         _fail(what, EXIT_USAGE)
     configure_environment(s)
@@ -217,10 +226,11 @@ def simulate(n: int = typer.Option(2000, "--n", min=1, help="number of objects")
              fits: Optional[Path] = typer.Option(None, "--fits", help="write one FITS cube per object in this directory (truth table beside it: DIR_truth.fits)"),
              store: Optional[str] = typer.Option(None, "--store", help="write a survey store directly (labels in its catalog)"),
              classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated anomaly classes to inject (default: all)"),
-             home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
+             home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,
+             as_json: bool = JSON):
     """Simulate a multi-band survey (GalSim: bulge+disk galaxies, PSF, sky noise) with injected anomalies
     (lenses, mergers, trails, cosmic rays, saturated stars, blends)."""
-    s = _setup(home, verbose, as_json)
+    s = _setup(home, verbose, as_json, config)
     from gsafe_models.simulate import ANOMALY_CLASSES
     from tasks.simulate import simulate_survey
 
@@ -249,12 +259,13 @@ def ingest(source: str = typer.Argument(..., help="a directory of FITS cutouts, 
            objid_key: Optional[str] = typer.Option(None, "--objid-key", help="FITS header keyword of the object id (default OBJID)"),
            mask_bits: Optional[str] = typer.Option(None, "--mask-bits", help="comma-separated mask planes (MP_<NAME> of a MASK HDU) or bit numbers whose pixels become missing (default BAD,SAT,INTRP,CR,EDGE,NO_DATA; '' for none)"),
            workers: Optional[int] = typer.Option(None, "--workers", min=1, help="processes reading the input (default: cores - 1 on 3+ cores for 256+ inputs, else 1)"),
-           home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
+           home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,
+           as_json: bool = JSON):
     """Validate and add cutouts to a survey store. Bad input goes to the store's quarantine with its reason;
     objects already in the store are skipped, so re-running adds nothing twice. Safe to run while
     another ingest or a campaign uses the same store (one writer at a time)."""
     bits = None if mask_bits is None else tuple(x.strip() for x in mask_bits.split(",") if x.strip())
-    s = _setup(home, verbose, as_json, chunk_size=chunk_size, max_missing_frac=max_missing, objid_key=objid_key,
+    s = _setup(home, verbose, as_json, config, chunk_size=chunk_size, max_missing_frac=max_missing, objid_key=objid_key,
                mask_bits=bits, ingest_workers=workers)
     from flows.ingest import ingest_flow
 
@@ -274,10 +285,11 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
           statistics: Optional[str] = typer.Option(None, "--statistics", parser=_statistics, help="comma-separated score statistics, among the Detector's (an unknown one lists them; default: the benchmark's best set)"),
           combination: Optional[str] = typer.Option(None, "--combination", parser=_combination, help="rule combining the statistics' p-values: simes (default), bonferroni, fisher, stouffer, cauchy, dose... (an unknown one lists them)"),
           calibration_trim: Optional[float] = typer.Option(None, "--calibration-trim", min=0.0, max=0.5, help="largest share of calibration values that may be dropped as outliers (the anomalies a 'normal' set holds; default 0.05, 0 keeps all)"),
-          home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
+          home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,
+          as_json: bool = JSON):
     """Train a Detector (representation + latent densities + calibrated combined test) on a store,
     log the run to MLflow and register the Detector as a new model version."""
-    s = _setup(home, verbose, as_json)
+    s = _setup(home, verbose, as_json, config)
     from flows.train import train_flow
     from infra.store import SurveyStore
 
@@ -295,10 +307,11 @@ def score(store: str = STORE,
           model: str = MODEL_REF,
           out: Optional[Path] = typer.Option(None, "--out", help="CSV (or .parquet) of object_id, score, p_value, q_value and one column per statistic"),
           dask_address: Optional[str] = DASK, workers: Optional[int] = WORKERS,
-          home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
+          home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,
+          as_json: bool = JSON):
     """A reprocessing campaign: score every object of a store, chunk-parallel on Dask. Killed and
     restarted, it redoes only unfinished chunks; run alongside an ingest, it scores what is committed."""
-    s = _setup(home, verbose, as_json, dask_address=dask_address, n_workers=workers)
+    s = _setup(home, verbose, as_json, config, dask_address=dask_address, n_workers=workers)
     from flows.score import run_campaign
     from infra.store import SurveyStore
     from tasks.score import read_scores
@@ -329,10 +342,11 @@ def explain(store: str = STORE,
             top_k: int = typer.Option(50, "--top-k", min=1, help="explain the k most anomalous objects"),
             out: Path = typer.Option(Path("report"), "--out", help="output directory of the gallery"),
             method: str = typer.Option("integrated_gradients", "--method", parser=_method, help="attribution: integrated_gradients, occlusion, lex or residual (an unknown one lists them)"),
-            home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
+            home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,
+            as_json: bool = JSON):
     """Write the anomaly gallery of the top-k objects: colour composite, reconstruction, residual,
     attribution map, statistics, p/q-values, neighbours, latent map (HTML + PNG + CSV/Parquet)."""
-    s = _setup(home, verbose, as_json)
+    s = _setup(home, verbose, as_json, config)
     from flows.explain import explain_flow
 
     ref = _resolve(s, model, store)
@@ -346,10 +360,11 @@ def promote(model: str = typer.Option(..., "--model", parser=_model_name, help="
             validation: str = typer.Option(..., "--validation", help="labelled validation store"),
             tolerance: float = typer.Option(0.0, "--tolerance", min=0.0, max=1.0, help="AUROC the challenger may lose and still be promoted"),
             dask_address: Optional[str] = DASK, workers: Optional[int] = WORKERS,
-            home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
+            home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,
+            as_json: bool = JSON):
     """Score challenger and champion on the same validation store; move alias 'champion' to the
     challenger only if it detects at least as well and stays calibrated. Decision recorded as tags."""
-    s = _setup(home, verbose, as_json, dask_address=dask_address, n_workers=workers)
+    s = _setup(home, verbose, as_json, config, dask_address=dask_address, n_workers=workers)
     from flows.promote import promote_flow
 
     _resolve(s, f"{model}@challenger", validation)
@@ -366,10 +381,11 @@ def hunt(store: str = STORE,
          alpha: float = typer.Option(0.1, "--alpha", min=1e-6, max=1.0, help="false discovery rate of the candidate list"),
          top_k: int = typer.Option(50, "--top-k", min=1, help="new objects explained in the gallery (most anomalous first)"),
          dask_address: Optional[str] = DASK, workers: Optional[int] = WORKERS,
-         home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
+         home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,
+         as_json: bool = JSON):
     """Ingest new files, score only what is new, write the FDR-controlled candidate list and the gallery;
     test the new objects for drift (an alarm when they are unlike the calibration data)."""
-    s = _setup(home, verbose, as_json, dask_address=dask_address, n_workers=workers)
+    s = _setup(home, verbose, as_json, config, dask_address=dask_address, n_workers=workers)
     from flows.hunt import hunt_flow
     from infra.store import SurveyStore
 
@@ -387,11 +403,12 @@ def serve(cron: str = typer.Option("0 3 * * *", "--cron", help="schedule of the 
           out: Path = typer.Option(Path("hunt_out"), "--out", help="where each hunt writes candidates.csv and the gallery"),
           alpha: float = typer.Option(0.1, "--alpha", min=1e-6, max=1.0, help="false discovery rate of the candidate list"),
           top_k: int = typer.Option(50, "--top-k", min=1, help="objects explained in each hunt's gallery"),
-          home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
+          home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,
+          as_json: bool = JSON):
     """Serve the hunt as a scheduled Prefect deployment, one run at a time (a run that finds the last
     one still going is cancelled). Starts a Prefect server unless PREFECT_API_URL is set (a temporary
     server never fires schedules). Stop with Ctrl-C or SIGTERM. With --json, one JSON object once serving."""
-    s = _setup(home, verbose, as_json)
+    s = _setup(home, verbose, as_json, config)
     from prefect.client.schemas.schedules import CronSchedule   # Prefect's own check of the schedule
     from pydantic import ValidationError
 
@@ -412,9 +429,10 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="where the sur
          epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="maximum training epochs (default 20, early stopping)"),
          seed: int = typer.Option(0, "--seed", min=0, help="same seed, same survey and model"),
          top_k: int = typer.Option(24, "--top-k", min=1, help="objects explained in the gallery"),
-         home: Optional[Path] = HOME, verbose: bool = VERBOSE, as_json: bool = JSON):
+         home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,
+         as_json: bool = JSON):
     """The whole hunt on a simulated survey: simulate → ingest → train → score → AUROC → gallery."""
-    s = _setup(home or out / ".gsafe", verbose, as_json)
+    s = _setup(home or out / ".gsafe", verbose, as_json, config)
     from flows.demo import demo_flow
 
     t0 = time.perf_counter()
@@ -438,9 +456,10 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="where the sur
 
 @app.command()
 def info(store: str = typer.Argument(..., help="survey store"), home: Optional[Path] = HOME,
+         config: Optional[Path] = CONFIG,
          as_json: bool = JSON):
     """Summarise a store: size, bands, catalog columns, quarantine reasons, scoring campaigns."""
-    _setup(home, False, as_json)
+    _setup(home, False, as_json, config)
     from collections import Counter
 
     from infra.store import SurveyStore
