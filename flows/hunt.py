@@ -29,6 +29,10 @@ __all__ = ["hunt_flow"]
 @flow(name="hunt", log_prints=False)
 def hunt_flow(store_url: str, model: str, settings: dict, source: str | None = None, out: str = "hunt_out",
               alpha: float = 0.1, top_k: int = 50) -> dict:
+    """Ingest `source` (if given) into `store_url`, score what no hunt with `model` has listed yet, write
+    the candidates at q ≤ `alpha` (candidates.csv) and a gallery of the `top_k` most anomalous new objects
+    to `out`, test the new objects for drift; known-artefact groups from the scientist's labels are listed
+    apart."""
     s = Settings(**settings)
     tracking.configure(s)
     ref = tracking.resolve(model)            # fixed once: the alias may move while we run

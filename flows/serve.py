@@ -3,8 +3,9 @@
 The deployment has a concurrency limit of one run (Prefect's deployment concurrency limit,
 collision strategy CANCEL_NEW), so a hunt that outlasts its period never overlaps the next.
 
-A temporary (ephemeral) server registers schedules but never fires them (see ../shared/STACK.md), so
-unless PREFECT_API_URL is set we start `prefect server start` ourselves and stop it on exit.
+A temporary (ephemeral) server registers schedules but never fires them (Prefect logs "Cannot
+schedule flows on an ephemeral server"), so unless PREFECT_API_URL is set we start `prefect server
+start` ourselves and stop it on exit.
 """
 
 from __future__ import annotations

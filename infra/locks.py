@@ -20,7 +20,7 @@ Three backends, chosen from the URL:
 Every backend is wrapped in one re-entrant, thread-aware guard per lock URL, so ``append`` inside
 ``with store.lock():`` does not deadlock, and threads of one process queue up like processes.
 
-Why a lock rather than Icechunk (transactional Zarr, see ``../shared/STACK.md``): gsafe's appends
+Why a lock rather than Icechunk (transactional Zarr: atomic commits, conflict detection): gsafe's appends
 are short (one store chunk) and rare next to reads, a lock keeps the store a plain Zarr v3 group
 that every tool and every reader opens without a session, and Icechunk's own local-filesystem
 storage is *not* safe for concurrent commits, so local stores would need a file lock anyway.

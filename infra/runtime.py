@@ -1,8 +1,10 @@
 """The run-time environment: quiet Prefect under $GSAFE_HOME, one Prefect server, the Dask cluster.
 
-Facts behind the choices (measured, see ../shared/STACK.md): every Dask worker process starts its
-own temporary Prefect server unless ``PREFECT_API_URL`` points at one, so gsafe starts a single
-server first; a flow's heartbeat thread costs >= 1 s per sync run unless disabled in code.
+Facts behind the choices (measured on Prefect 3.9, prefect-dask 0.3.7, distributed 2026.8): every Dask
+worker process starts its own temporary Prefect server unless ``PREFECT_API_URL`` points at one, so
+gsafe starts a single server first; a flow's heartbeat thread costs >= 1 s per sync run unless
+disabled in code; a LocalCluster logs ~40 INFO lines per command from ``distributed.*`` unless its
+loggers are raised (done here, undone by ``--verbose``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def configure_environment(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO if settings.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
     logging.getLogger("gsafe").setLevel(logging.INFO if settings.verbose else logging.WARNING)
+    # distributed sets its loggers' levels from dask's config when it is first imported, and dask
+    # read its config (DASK_* variables) when infra.runtime imported it, before the line above set
+    # DASK_LOGGING__DISTRIBUTED: give the level to dask's config too, or the scheduler's and
+    # nannies' INFO lines (~40 per command) reach the terminal.
+    dask.config.set({"logging": {"distributed": env["DASK_LOGGING__DISTRIBUTED"]}})
     for noisy in ("mlflow", "alembic", "distributed", "prefect", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.INFO if settings.verbose else logging.ERROR)
 

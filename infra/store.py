@@ -1,4 +1,4 @@
-"""The survey store: one Zarr v3 group per survey (schema in DESIGN.md).
+"""The survey store: one Zarr v3 group per survey.
 
 Layout::
 

@@ -235,3 +235,20 @@ def test_a_model_that_does_not_fit_the_store_is_refused_before_scoring(trained, 
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["ok"] and out["n"] == 400 and out["version"] == trained["version"]
+
+
+def test_every_flow_has_a_description():
+    """Prefect shows a flow's docstring as its description in the UI."""
+    import importlib
+    import pkgutil
+
+    import flows
+    from prefect import Flow
+
+    found = {}
+    for m in pkgutil.iter_modules(flows.__path__):
+        mod = importlib.import_module(f"flows.{m.name}")
+        found |= {f.name: f for f in vars(mod).values() if isinstance(f, Flow)}
+    assert {"ingest", "train", "score", "explain", "promote", "hunt"} <= set(found)
+    pending = {"demo"}      # flows/demo.py is being rebuilt (issue 11); its docstring comes with it
+    assert [name for name, f in found.items() if not (f.description or "").strip() and name not in pending] == []

@@ -67,7 +67,9 @@ def test_sigkill_mid_campaign_then_restart_gives_identical_scores(trained, train
     env.pop("PREFECT_API_URL", None)   # the command starts its own server, as a user's would
     gsafe = [sys.executable, "-m", "flows.cli", "score", "--model", f"tiny/{trained['version']}", "--workers", "1"]
     calm = _copy(train_store, tmp_path, "calm.zarr")
-    subprocess.run(gsafe + ["--store", calm], env=env, check=True, capture_output=True, timeout=300)
+    quiet = subprocess.run(gsafe + ["--store", calm], env=env, check=True, capture_output=True, text=True, timeout=300)
+    # quiet by default: gsafe's one line, no Dask, Prefect or MLflow logs (--verbose shows them)
+    assert quiet.stderr.strip() == "" and [ln[:6] for ln in quiet.stdout.strip().splitlines()] == ["score:"], quiet
 
     hurt = _copy(train_store, tmp_path, "hurt.zarr")
     proc = subprocess.Popen(gsafe + ["--store", hurt], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
