@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from infra.errors import InputError, SchemaVersionError, StoreError
-from infra.locks import lock_url_for
+from infra.locks import lock_url_for, store_lock
 from infra.readers import Cutout, Known, Rejected, count_items, iter_source, storable
 from infra.settings import Settings
 from infra.store import SurveyStore, id_hash
@@ -79,13 +79,20 @@ def _gsafe_version() -> str:
 
 def _open_store(url: str, create: bool) -> SurveyStore | None:
     """The store at `url` opened to append, or None when it is missing and `create` allows making it."""
-    try:
-        return SurveyStore.open(url, mode="r+")
-    except StoreError as e:
-        # only a store that is not there at all may be made; anything else there stays untouched
-        if create and not isinstance(e, SchemaVersionError) and isinstance(e.__cause__, FileNotFoundError):
-            return None
-        raise
+    for attempt in range(2):
+        try:
+            return SurveyStore.open(url, mode="r+")
+        except SchemaVersionError:
+            raise
+        except StoreError as e:
+            # only a store that is not there at all may be made; anything else there stays untouched
+            if create and isinstance(e.__cause__, FileNotFoundError):
+                return None
+            if attempt:
+                raise
+            # half there: another ingest may be creating it, under the store's lock until done
+            with store_lock(url):
+                pass
 
 
 def _where(item: Cutout | Rejected | Known) -> str:
@@ -195,8 +202,12 @@ class _Writer:
             }
             if self.extra_columns is not None:
                 catalog.update(self.extra_columns(batch))
-            self.store.append(np.stack([c.pixels for c in batch]), catalog, aux=_aux(batch))
-            self.summary.ingested += len(batch)
+            # another ingest may have committed some of these ids since this one read the store's
+            # ids: the store drops them under its lock, and they count as already there
+            start, stop = self.store.append(np.stack([c.pixels for c in batch]), catalog, aux=_aux(batch),
+                                            dedupe_concurrent=True)
+            self.summary.ingested += stop - start
+            self.summary.skipped += len(batch) - (stop - start)
         if self.pending_quarantine:
             self.store.add_quarantine(self.pending_quarantine)
             self.pending_quarantine = []
@@ -273,9 +284,11 @@ def ingest(source: str, store_url: str, *, settings: Settings, catalog: str | No
               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "gsafe": _gsafe_version(),
               "mask_bits": list(settings.mask_bits)}  # which planes of aux/mask became NaN pixels
     store = _open_store(store_url, create)
-    created = store is None
-    if created:
+    created = False
+    if store is None:
         store = _create_from_first_cutout(source, store_url, settings, catalog, record)
+        # another ingest may have created it first: then this one appends to that store
+        created = record in list(store.group.attrs.get("provenance", []))
     writer = _Writer(store, extra_columns)
     exclude = _not_inputs(store_url)
     n = count_items(source, catalog, exclude)
@@ -322,7 +335,7 @@ def _create_from_first_cutout(source: str, url: str, settings: Settings, catalog
                                 len(settings.bands), settings.cutout_size, settings.cutout_size, probe, item.source)
                 log.info("ingest: creating store %s: %d bands (%s), %dx%d px", url, b, ",".join(names), h, w)
                 return SurveyStore.create(url, bands=names, height=h, width=w, chunk_size=settings.chunk_size,
-                                          pixel_scale=settings.pixel_scale, provenance=record)
+                                          pixel_scale=settings.pixel_scale, provenance=record, exist_ok=True)
             if attempt is not configured:
                 n_rejected += 1
                 if len(rejected) < 20:

@@ -8,6 +8,7 @@ store *before* the other appends: the case that lost rows when each writer appen
 from __future__ import annotations
 
 import os
+import json
 import subprocess
 import sys
 import threading
@@ -226,3 +227,45 @@ def test_two_processes_creating_one_store_make_it_once(tmp_path):
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read()
     assert sorted(SurveyStore.open(url).object_ids()) == ["p0", "p1", "p2", "q0", "q1", "q2"]
+
+
+INGEST = r"""
+import json, sys, time
+from pathlib import Path
+from infra.ingest import ingest
+from infra.settings import Settings
+source, url, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.005)
+s = ingest(source, url, settings=Settings(bands=("g", "r"), cutout_size=8, chunk_size=4, progress=False), progress=False)
+print(json.dumps({"ingested": s.ingested, "skipped": s.skipped, "quarantined": s.quarantined}), flush=True)
+"""
+
+
+def test_two_ingests_of_overlapping_sources_race_to_create_a_store_and_store_each_id_once(tmp_path):
+    """Two ingest processes started together on a store that does not exist yet: both succeed (one
+    creates it, the other appends), every id is stored once with its own pixels, and the ids both
+    sources hold count as skipped by whichever ingest committed them second."""
+    # 200 ids in both, met at once: a from its middle on, b from its start (appends of 4 interleave)
+    ids = {"a": np.arange(0, 400), "b": np.arange(200, 600)}
+    for name, k in ids.items():
+        images = np.broadcast_to(k.astype(np.float32)[:, None, None, None], (k.size, 2, 8, 8)).copy()
+        np.savez(tmp_path / f"{name}.npz", images=images, ids=np.array([f"obj{i}" for i in k]))
+    url, go = str(tmp_path / "race.zarr"), tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", INGEST, str(tmp_path / f"{name}.npz"), url, str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ids]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    go.write_text("go")
+    summaries = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        summaries.append(json.loads(out.strip().splitlines()[-1]))
+    s = SurveyStore.open(url)
+    stored = s.object_ids().astype(str)
+    assert sorted(stored) == sorted(f"obj{i}" for i in range(600))            # each id once
+    np.testing.assert_array_equal(s.read_images()[:, 0, 0, 0], [float(o[3:]) for o in stored])
+    assert sum(x["ingested"] for x in summaries) == 600 and sum(x["skipped"] for x in summaries) == 200
+    assert all(x["quarantined"] == 0 for x in summaries), summaries
