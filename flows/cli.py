@@ -313,6 +313,7 @@ def score(store: str = STORE,
     restarted, it redoes only unfinished chunks; run alongside an ingest, it scores what is committed."""
     s = _setup(home, verbose, as_json, config, dask_address=dask_address, n_workers=workers)
     from flows.score import run_campaign
+    from infra.safe_output import write_table
     from infra.store import SurveyStore
     from tasks.score import read_scores
 
@@ -322,10 +323,8 @@ def score(store: str = STORE,
     def report():
         st = SurveyStore.open(store)
         table = st.score_table(ref.name, ref.version)
-        if out:  # the whole table in memory only when asked for it
-            df = read_scores(st, table)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            df.to_parquet(out, index=False) if out.suffix == ".parquet" else df.to_csv(out, index=False)
+        if out:  # the whole table in memory only when asked for it; ids are strangers' text
+            write_table(read_scores(st, table), out)
         return sum(int((table.read(["q_value"], i, i + st.chunk_size)["q_value"] <= 0.1).sum())
                    for i in range(0, table.n, st.chunk_size))
 

@@ -19,6 +19,7 @@ from flows.score import run_campaign
 from infra import tracking
 from infra.settings import Settings
 from infra.errors import StoreError
+from infra.safe_output import write_table
 from infra.store import SurveyStore
 from tasks.review import remember_labels
 from tasks.score import drift_task, read_scores
@@ -59,7 +60,7 @@ def hunt_flow(store_url: str, model: str, settings: dict, source: str | None = N
     outdir.mkdir(parents=True, exist_ok=True)
     # hunts remember the scientist's labels: known-artefact groups listed apart (tasks/review.py)
     cand, memory = remember_labels(store_url, s, ref.name, ref.version, new, cand, top_k, outdir)
-    cand.to_csv(outdir / "candidates.csv", index=False)
+    write_table(cand, outdir / "candidates.csv")   # spreadsheet-safe: ids come from FITS headers
     report = None
     if len(new):
         report = explain_flow(store_url, ref.name, ref.version, min(top_k, len(new)), str(outdir / "report"),

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Any, MutableSet
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["spreadsheet_safe", "safe_npz_key", "FORMULA_TRIGGERS"]
+__all__ = ["spreadsheet_safe", "safe_npz_key", "write_table", "FORMULA_TRIGGERS"]
 
 # OWASP, "CSV Injection": cells starting with these are taken as formulas (tab and carriage
 # return too, since some spreadsheets strip them and read what follows).
@@ -76,6 +77,18 @@ def spreadsheet_safe(table):
     if isinstance(table, (list, tuple)):
         return type(table)(_cell(v) for v in table)
     return _cell(table)
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a table gsafe hands to people: Parquet (``.parquet``) exactly as it is, anything else
+    as CSV through :func:`spreadsheet_safe`; the parent folder is made. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".parquet":
+        df.to_parquet(path, index=False)
+    else:
+        spreadsheet_safe(df).to_csv(path, index=False)
+    return path
 
 
 def safe_npz_key(object_id: Any, taken: MutableSet[str]) -> str:

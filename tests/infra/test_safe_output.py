@@ -94,3 +94,14 @@ def test_keys_make_an_archive_whose_members_stay_inside(tmp_path):
         assert len(z.files) == 5 and all("/" not in k and not k.startswith(".") for k in z.files)
         assert sorted(int(z[k][0]) for k in z.files) == [0, 1, 2, 3, 4]
 
+
+
+def test_write_table_neutralises_csv_and_keeps_parquet_exact(tmp_path):
+    from infra.safe_output import write_table
+
+    df = pd.DataFrame({"object_id": ["=HYPERLINK(\"http://evil\")", "NGC 4993"], "score": [-1.5, 3.0]})
+    csv_path = write_table(df, tmp_path / "out" / "scores.csv")          # the folder is made
+    rows = list(csv.reader(io.StringIO(csv_path.read_text())))
+    assert rows[1][:2] == ["'=HYPERLINK(\"http://evil\")", "-1.5"] and rows[2][0] == "NGC 4993"
+    back = pd.read_parquet(write_table(df, tmp_path / "scores.parquet"))
+    pd.testing.assert_frame_equal(back, df)
