@@ -13,7 +13,7 @@ anomalies (and a few injected anomalies of every class) with each method, and pr
 
 Runs with no arguments in a few minutes on 2 CPU cores:
 
-    python bench/faithfulness.py [--survey 512] [--top-k 32] [--seed 0]
+    python bench/faithfulness.py [--survey 512] [--top-k 32] [--seed 0] [--classes 6]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from gsafe_models.detector import Detector, DetectorConfig
-from gsafe_models.explain import METHODS, LexSelector, explain, sample_imputation
+from gsafe_models.explain import METHODS, LexSelector, counterfactual_function, explain, sample_imputation
 from gsafe_models.faithfulness import (
     curve_auc,
     deletion_curve,
@@ -72,9 +72,10 @@ def _lex(det: Detector, survey: np.ndarray, epochs: int, n: int = 256) -> LexSel
 
 def _attribute(method: str, det: Detector, images: torch.Tensor, selector: LexSelector | None) -> torch.Tensor:
     out = []
+    counterfactual = counterfactual_function(det) if method == "duplex" else None
     for chunk in images.split(32):
         out.append(explain(method, det.score_function(), det.impute_function(), chunk, selector=selector,
-                           n_steps=16, window=8, stride=4))
+                           n_steps=16, window=8, stride=4, counterfactual_fn=counterfactual))
     return torch.cat(out)
 
 
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--check", type=int, default=8, help="cutouts in the randomization check")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", type=int, default=len(ANOMALY_CLASSES),
+                        help="inject only the first N anomaly classes (6: the simulator's classes before the nine added later)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -95,7 +98,7 @@ def main() -> None:
     sim = dict(seed=args.seed, size=SIZE)
     train = simulate_batch(0, args.train, anomaly_frac=0.0, **sim).images
     calib = simulate_batch(args.train, args.calib, anomaly_frac=0.0, **sim).images
-    survey = simulate_batch(args.train + args.calib, args.survey, anomaly_frac=0.15, **sim)
+    survey = simulate_batch(args.train + args.calib, args.survey, anomaly_frac=0.15, classes=ANOMALY_CLASSES[: args.classes], **sim)
     print(f"simulated {args.train} train, {args.calib} calib, {args.survey} survey cutouts "
           f"({survey.label.sum()} injected) of {survey.images.shape[1:]} in {time.perf_counter() - t0:.0f} s")
 
@@ -137,21 +140,25 @@ def main() -> None:
 
     lex_epochs = 6
     results = {}
-    for method in METHODS:
+    # "lex" is LEX per instance; "lex_amortized" the one-pass selector it replaced, kept for the record
+    for method in (*METHODS, "lex_amortized"):
         t = time.perf_counter()
-        selector = _lex(det, survey.images, lex_epochs) if method == "lex" else None
+        amortized = method == "lex_amortized"
+        method = "lex" if amortized else method
+        selector = _lex(det, survey.images, lex_epochs) if amortized else None
         attribution = _attribute(method, det, images, selector)
         seconds = time.perf_counter() - t
         deletion, insertion = auc(deletion_curve, attribution), auc(insertion_curve, attribution)
         check = images[in_top][: args.check]
 
-        def attr_fn(net, method=method):
+        def attr_fn(net, method=method, amortized=amortized):
             other = _with_net(det, net)
-            sel = _lex(other, survey.images, lex_epochs) if method == "lex" else None
+            sel = _lex(other, survey.images, lex_epochs) if amortized else None
             return _attribute(method, other, check, sel)
 
         rho = randomization_check(attr_fn, det._bundle.net, seed=args.seed)
         game = pointing_game(attribution, footprint)
+        method = "lex_amortized" if amortized else method
         results[method] = dict(deletion=deletion, insertion=insertion, rho=rho, game=game, seconds=seconds)
 
         print(f"\n== {method}  ({len(rows)} cutouts explained in {seconds:.1f} s)")
@@ -169,7 +176,8 @@ def main() -> None:
         print(f"   {'all injected':<16}{int(anomalous.sum()):>4}{game.share[anomalous].nanmean():>8.3f}"
               f"{chance[anomalous].mean():>8.3f}{game.hit[anomalous].float().mean():>7.2f}")
 
-    short = {"integrated_gradients": "ig", "occlusion": "occ", "lex": "lex", "residual": "res"}
+    short = {"integrated_gradients": "ig", "occlusion": "occ", "lex": "lex", "residual": "res", "duplex": "duplex",
+             "lex_amortized": "lex-amortized"}
     parts = [
         f"{short[m]}: del {r['deletion']:.2f} ins {r['insertion']:.2f} "
         f"rho {r['rho'].nanmean():.2f} share {r['game'].share[torch.as_tensor(classes != '')].nanmean():.2f}"

@@ -32,6 +32,11 @@ __all__ = [
     "integrated_gradients",
     "occlusion",
     "LexSelector",
+    "select_pixels",
+    "latent_counterfactual",
+    "counterfactual_function",
+    "lex",
+    "duplex",
     "nearest_neighbours",
     "latent_map",
     "explain",
@@ -40,7 +45,7 @@ __all__ = [
 ScoreFn = Callable[[Tensor], Tensor]
 ImputeFn = Callable[[Tensor], Tensor]
 
-METHODS = ("integrated_gradients", "occlusion", "lex", "residual")
+METHODS = ("integrated_gradients", "occlusion", "lex", "residual", "duplex")
 
 
 def fill_missing(images: Tensor, impute_fn: ImputeFn) -> tuple[Tensor, Tensor]:
@@ -295,6 +300,7 @@ class LexSelector(nn.Module):
         sparsity: float = 1.0,
         seed: int = 0,
         impute_noise: bool = True,
+        per_object: bool = False,
     ) -> list[float]:
         r"""Trains the selector; returns the mean loss per epoch.
 
@@ -341,7 +347,11 @@ class LexSelector(nn.Module):
                     kept = mask * x + (1 - mask) * filler
                     # One-sided: only score lost counts. A normal cutout scores like its imputation
                     # up to noise, and half of that noise now costs nothing, so its mask can go empty.
-                    fidelity = (target - score_fn(kept)).clamp_min(0).pow(2).mean() / scale
+                    lost = (target - score_fn(kept)).clamp_min(0).pow(2)
+                    if per_object:  # each object in units of its own gap (floored at the mean gap)
+                        fidelity = (lost / (target - score_fn(filler)).detach().pow(2).clamp_min(scale)).mean()
+                    else:
+                        fidelity = lost.mean() / scale
                     loss = fidelity + sparsity * mask.mean()
                     optimizer.zero_grad()
                     loss.backward(inputs=list(self.net.parameters()))
@@ -376,6 +386,268 @@ class LexSelector(nn.Module):
         else:
             images = torch.nan_to_num(images, nan=0.0)
         return torch.sigmoid(self(images, imputation))
+
+
+def select_pixels(
+    score_fn: ScoreFn,
+    images: Tensor,
+    filler: Tensor,
+    *,
+    sparsity: Iterable[float] = (0.1, 0.3, 1.0),
+    steps: int = 60,
+    lr: float = 0.2,
+    two_sided: bool = True,
+    init_logits: Tensor | None = None,
+    temperature: float = 0.5,
+    seed: int = 0,
+) -> Tensor:
+    r"""Returns the per-pixel importance ``(n, H, W)`` in ``[0, 1]`` of a selection optimised for each cutout.
+
+    The LEX objective (Senetaire et al. 2023) solved per instance, not amortized: a keep-mask
+    :math:`m \sim \text{RelaxedBernoulli}(\sigma(\ell))` over pixels (all bands together) with
+    free logits :math:`\ell` per cutout, minimising
+
+    .. math:: \frac{[s(x) - s(m \odot x + (1 - m) \odot \tilde x)]_+^2
+              + [s((1 - m) \odot x + m \odot \tilde x) - s(\tilde x)]_+^2}{(s(x) - s(\tilde x))^2}
+              + \lambda\, \overline{m}
+
+    with :math:`\tilde x` the `filler` (a sample of the imputation for LEX, the counterfactual
+    for DupLEX): the kept pixels alone carry the score (the first term, LEX's), and taking them
+    away leaves a normal object (the second, DupLEX's "duplicate" the other way round; dropped
+    with `two_sided=False`). Each object's error is in units of its own squared gap, so
+    :math:`\lambda` compares to its whole departure. One :math:`\lambda` gives a set, not a
+    ranking: the map is the mean keep-probability over the `sparsity` levels, so pixels needed
+    even when pixels are expensive rank first (as the areas of extremal perturbations, Fong et
+    al. 2019).
+
+    Arguments:
+        score_fn: Differentiable anomaly score ``(n, B, H, W) -> (n,)`` (its parameters untouched).
+        images: NaN-free cutouts ``(n, B, H, W)``.
+        filler: What hidden pixels become, same shape.
+        sparsity: The levels :math:`\lambda`.
+        steps: Adam steps per level.
+        lr: Adam's learning rate on the logits.
+        two_sided: Add the removal term.
+        init_logits: Starting logits ``(n, H, W)`` (e.g. an amortized selector's); default
+            :math:`-2` everywhere (keep-probability 0.12).
+        temperature: Of the relaxed Bernoulli.
+        seed: Seeds the masks (the global RNG is untouched).
+
+    References:
+        | Explainability as statistical inference (Senetaire et al., 2023) https://arxiv.org/abs/2212.03131
+        | Understanding Deep Networks via Extremal Perturbations and Smooth Masks (Fong et al., 2019)
+        | https://arxiv.org/abs/1910.08485
+
+    Example:
+        >>> f = lambda x: x[:, :, :2, :2].flatten(1).sum(1)  # only the top-left 2x2 matters
+        >>> m = select_pixels(f, torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), steps=40)
+        >>> bool(m[0, :2, :2].min() > m[0, 2:, 2:].max())
+        True
+    """
+    images = torch.as_tensor(images, dtype=torch.float32)
+    filler = torch.as_tensor(filler).to(images).detach()
+    n, _, height, width = images.shape
+    levels = [float(v) for v in sparsity]
+    out = torch.zeros(n, height, width, device=images.device)
+    with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            s_x, s_f = score_fn(images).detach(), score_fn(filler).detach()
+            gap2 = (s_x - s_f).square().clamp_min(1e-12)
+        relaxed = torch.distributions.RelaxedBernoulli
+        for level in levels:
+            start = torch.full((n, height, width), -2.0, device=images.device) if init_logits is None else init_logits
+            logits = start.detach().clone().to(images.device).requires_grad_(True)
+            opt = torch.optim.Adam([logits], lr=lr)
+            for _ in range(int(steps)):
+                soft = relaxed(torch.tensor(temperature, device=images.device), logits=logits).rsample()
+                m = ((soft > 0.5).to(soft) + soft - soft.detach())[:, None]  # straight-through
+                kept = m * images + (1 - m) * filler
+                loss = (s_x - score_fn(kept)).clamp_min(0).square() / gap2
+                if two_sided:
+                    removed = (1 - m) * images + m * filler
+                    loss = loss + (score_fn(removed) - s_f).clamp_min(0).square() / gap2
+                total = loss.mean() + level * m.mean()
+                opt.zero_grad()
+                total.backward(inputs=[logits])
+                opt.step()
+            out += torch.sigmoid(logits.detach())
+    return out / max(len(levels), 1)
+
+
+def latent_counterfactual(
+    x: Tensor,
+    mask: Tensor,
+    encode: Callable[[Tensor, Tensor], Tensor],
+    decode: Callable[[Tensor], Tensor],
+    noise: Tensor,
+    prior: Callable[[Tensor], Tensor] | None = None,
+    scale: Tensor | None = None,
+    steps: int = 100,
+    lr: float = 0.05,
+    dof: float = 2.0,
+) -> Tensor:
+    r"""Returns the normal object closest to each cutout in the generative model's eyes, ``(n, B, H, W)``.
+
+    A maximum a posteriori latent, :math:`z^* = \arg\min_z \sum_{pixels} \rho_\nu((x - G(z)) / \sigma)
+    + U(z)`, started from the encoder's :math:`z`, decoded: :math:`\rho_\nu` is the negative
+    log-likelihood of a Student-t of :math:`\nu` degrees of freedom (pixels the model cannot make
+    normal, the anomaly, cost little: they no longer pull :math:`z` as a squared error does) and
+    :math:`U` the latent prior's energy (the EBM's, or :math:`-\log p` of a GMM). This is the
+    counterfactual of DupLEX (Senetaire 2025): what the object would look like were it normal.
+    Works in normalised units; the generator and the prior are frozen.
+
+    Arguments:
+        x: Normalised cutouts ``(n, B, H, W)``.
+        mask: 1 = valid pixel, same shape.
+        encode: ``(x, mask) -> z (n, D)``.
+        decode: ``z -> (n, B, H, W)``.
+        noise: The pixel noise :math:`\sigma` per band ``(B,)``, normalised units.
+        prior: ``z -> (n,)`` energy :math:`U`, or None (a flat prior: a robust reconstruction).
+        scale: Per-latent step scale ``(D,)`` (e.g. the latents' spread), or None.
+        steps: Adam steps on :math:`z`.
+        lr: Adam's learning rate, in units of `scale`.
+        dof: :math:`\nu`.
+
+    Example:
+        >>> dec = lambda z: z[:, :, None, None].expand(-1, 1, 2, 2)
+        >>> x = torch.full((1, 1, 2, 2), 1.0); x[0, 0, 0, 0] = 50.0  # one wild pixel
+        >>> cf = latent_counterfactual(x, torch.ones_like(x), lambda x, m: torch.zeros(1, 1), dec, torch.ones(1), lr=0.1, steps=200)
+        >>> round(float(cf[0, 0, 1, 1]), 1)  # the fit follows the three normal pixels
+        1.0
+    """
+    with torch.no_grad():
+        z0 = encode(x, mask).detach()
+    s = torch.ones_like(z0[0]) if scale is None else torch.as_tensor(scale).to(z0)
+    u = torch.zeros_like(z0, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=lr)
+    sigma = torch.as_tensor(noise).to(x).view(1, -1, 1, 1)
+    for _ in range(int(steps)):
+        z = z0 + s * u
+        r = (x - decode(z)) / sigma
+        nll = (0.5 * (dof + 1) * torch.log1p(r.square() / dof) * mask).flatten(1).sum(1)
+        if prior is not None:
+            nll = nll + prior(z)
+        opt.zero_grad()
+        nll.sum().backward(inputs=[u])
+        opt.step()
+    with torch.no_grad():
+        return decode(z0 + s * u)
+
+
+def counterfactual_function(detector, steps: int = 100, lr: float = 0.05) -> ImputeFn:
+    r"""Returns ``images -> counterfactual`` ``(n, B, H, W)`` in counts, for a fitted
+    :class:`~gsafe_models.detector.Detector`: :func:`latent_counterfactual` with its normaliser,
+    network and latent prior (its energy-based model if it has one, else its GMM or flow, else
+    none), steps in units of the prior's latent spread when it has one.
+    """
+    bundle = detector._bundle
+    norm, net, parts = bundle.normaliser, bundle.net, bundle.parts
+    prior, scale = None, None
+    if "ebm" in parts:
+        prior, scale = (lambda z: parts["ebm"].energy(z)), parts["ebm"].std
+    elif "gmm" in parts:
+        prior = lambda z: -parts["gmm"].log_prob(z.double()).to(z.dtype)  # noqa: E731
+    elif "flow" in parts:
+        prior, scale = (lambda z: -parts["flow"].log_prob(z)), parts["flow"].std
+
+    def fn(images: Tensor) -> Tensor:
+        device = norm.sky.device
+        images = torch.as_tensor(images, dtype=torch.float32).to(device)
+        x, mask = norm(images)
+        frozen = [p.requires_grad for p in bundle.parameters()]
+        for p in bundle.parameters():
+            p.requires_grad_(False)
+        try:
+            with torch.enable_grad():
+                cf = latent_counterfactual(x, mask, net.encode, net.decode, norm.unit_noise, prior, scale, steps, lr)
+        finally:
+            for p, f in zip(bundle.parameters(), frozen):
+                p.requires_grad_(f)
+        return norm.inverse(cf).detach()
+
+    return fn
+
+
+def _selected_edit(score_fn: ScoreFn, images: Tensor, reference: Tensor, two_sided: bool, **kwargs) -> Tensor:
+    r"""``p * (images - reference)`` ``(n, B, H, W)``: the part of each cutout's departure from
+    `reference` that the selection of :func:`select_pixels` (against a noisy sample of
+    `reference`, :func:`sample_imputation`) keeps; `p` its keep-probability per pixel."""
+    seed = int(kwargs.pop("seed", 0))
+    with torch.random.fork_rng(devices=[images.device] if images.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        filler = sample_imputation(images, reference)
+    keep = select_pixels(score_fn, images, filler, two_sided=two_sided, seed=seed, **kwargs)
+    return keep[:, None] * (images - reference)
+
+
+def lex(score_fn: ScoreFn, images: Tensor, imputation: Tensor, **kwargs) -> Tensor:
+    r"""LEX per instance: returns ``(n, B, H, W)``, the selected part of each cutout's departure from
+    the generative model's imputation.
+
+    The LEX objective (:func:`select_pixels`, one-sided: the kept pixels alone carry the score
+    when every other pixel is a sample of the imputation) solved for each cutout, times
+    ``images - imputation``: as integrated gradients multiply the input's departure from the
+    baseline by the gradient, the map multiplies it by the selection, so the pixels no selection
+    needed still rank by how far they depart, and a band's sign says excess or deficit.
+    An amortized :class:`LexSelector` explains in one pass but ranks worse (BENCHMARKS.md: trained
+    on a few hundred survey cutouts, mostly normal, it learns to keep the galaxy and ranks the
+    outskirts, where trails, cosmic rays and neighbours lie, last).
+
+    Arguments:
+        score_fn: Differentiable anomaly score ``(n, B, H, W) -> (n,)``.
+        images: NaN-free cutouts ``(n, B, H, W)``.
+        imputation: The generative model's imputation, same shape.
+        kwargs: Passed to :func:`select_pixels` (``sparsity``, ``steps``, ``seed``...).
+
+    References:
+        | Explainability as statistical inference (Senetaire et al., 2023) https://arxiv.org/abs/2212.03131
+
+    Example:
+        >>> f = lambda x: x[:, :, :2, :2].flatten(1).sum(1)
+        >>> a = lex(f, torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), steps=40)
+        >>> a.shape, bool(a[0, 0, :2, :2].min() > a[0, 0, 2:, 2:].max())
+        (torch.Size([1, 1, 4, 4]), True)
+    """
+    images = torch.as_tensor(images, dtype=torch.float32)
+    imputation = torch.as_tensor(imputation).to(images).detach()
+    return _selected_edit(score_fn, images, imputation, two_sided=False, **kwargs)
+
+
+def duplex(
+    score_fn: ScoreFn,
+    counterfactual_fn: ImputeFn,
+    images: Tensor,
+    **kwargs,
+) -> tuple[Tensor, Tensor]:
+    r"""DupLEX: returns ``(attribution (n, B, H, W), counterfactual (n, B, H, W))``.
+
+    The counterfactual is what the object would look like were it normal
+    (:func:`counterfactual_function`). The selection is two-sided (:func:`select_pixels` against
+    a noisy sample of the counterfactual): the fewest pixels that carry the anomaly score into the
+    counterfactual (the "duplicate"), and whose removal leaves the object normal. The attribution
+    is the selected edit ``p * (images - counterfactual)``: what would have to change, and where,
+    for the object to be normal.
+
+    Arguments:
+        score_fn: Differentiable anomaly score ``(n, B, H, W) -> (n,)``.
+        counterfactual_fn: ``(n, B, H, W) -> (n, B, H, W)``, e.g. :func:`counterfactual_function`.
+        images: Cutouts ``(n, B, H, W)``; NaN pixels are taken from the counterfactual.
+        kwargs: Passed to :func:`select_pixels`.
+
+    References:
+        | Generative Models and Applications for Safety in Machine Learning (Senetaire, PhD thesis, DTU, 2025)
+
+    Example:
+        >>> f = lambda x: x[:, :, :2, :2].flatten(1).sum(1)
+        >>> attr, cf = duplex(f, lambda x: torch.zeros_like(x), torch.ones(1, 1, 4, 4), steps=40)
+        >>> attr.shape, cf.shape
+        (torch.Size([1, 1, 4, 4]), torch.Size([1, 1, 4, 4]))
+    """
+    images = torch.as_tensor(images, dtype=torch.float32)
+    counterfactual = counterfactual_fn(images).detach().to(images)
+    images = torch.where(torch.isnan(images), counterfactual, images)
+    return _selected_edit(score_fn, images, counterfactual, two_sided=True, **kwargs), counterfactual
 
 
 def nearest_neighbours(z_query: Tensor, z_bank: Tensor, k: int, block: int = 4096) -> tuple[Tensor, Tensor]:
@@ -453,17 +725,21 @@ def explain(
     n_steps: int = 32,
     window: int = 8,
     stride: int = 4,
+    counterfactual_fn: ImputeFn | None = None,
 ) -> Tensor:
-    r"""One entry point to every method; returns ``(n, B, H, W)``, or ``(n, H, W)`` for ``"lex"``.
+    r"""One entry point to every method; returns ``(n, B, H, W)`` (``(n, H, W)`` for ``"lex"`` with an amortized `selector`).
 
     Arguments:
-        method: one of ``"integrated_gradients"``, ``"occlusion"``, ``"lex"``, ``"residual"``.
+        method: one of ``"integrated_gradients"``, ``"occlusion"``, ``"lex"``, ``"residual"``, ``"duplex"``.
         score_fn: differentiable anomaly score ``(n, B, H, W) -> (n,)``.
         impute_fn: the generative model's imputation ``(n, B, H, W) -> (n, B, H, W)``.
         images: cutouts ``(n, B, H, W)``, NaN = missing (imputed first).
-        selector: a fitted :class:`LexSelector`, needed for ``"lex"``.
+        selector: a fitted :class:`LexSelector`: ``"lex"`` then returns its amortized keep-probabilities
+            (one forward pass, weaker; BENCHMARKS.md) instead of the per-instance :func:`lex`.
         n_steps: integrated-gradients path points.
         window, stride: occlusion patch side and step, pixels.
+        counterfactual_fn: the generative model's counterfactual ``(n, B, H, W) -> (n, B, H, W)``,
+            needed for ``"duplex"`` (:func:`counterfactual_function` of a detector).
 
     Example:
         >>> f = lambda x: x.flatten(1).sum(1)
@@ -472,6 +748,10 @@ def explain(
     """
     if method not in METHODS:
         raise ValueError(f"explain: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "duplex":
+        if counterfactual_fn is None:
+            raise ValueError("explain: method 'duplex' needs counterfactual_fn= (gsafe_models.explain.counterfactual_function(detector))")
+        return duplex(score_fn, counterfactual_fn, images)[0]
     images, imputation = fill_missing(images, impute_fn)
     if method == "residual":
         return residual(images, imputation)
@@ -480,5 +760,5 @@ def explain(
     if method == "occlusion":
         return occlusion(score_fn, images, imputation, window=window, stride=stride)
     if selector is None:
-        raise ValueError("explain: method 'lex' needs a fitted LexSelector (selector=...)")
+        return lex(score_fn, images, imputation)
     return selector.explain(images, imputation)

@@ -84,38 +84,50 @@ def langevin_sample(
 
 
 class ConstrainedLangevin(torch.optim.Optimizer):
-    r"""Creates an optimiser that trains by constrained underdamped Langevin dynamics.
+    r"""Creates an optimiser that trains by constrained, preconditioned underdamped Langevin dynamics.
 
-    Each step is the minibatch form of the BAOAB splitting (Leimkuhler & Matthews 2013): a kick
-    by the gradient (B), half a drift (A), an Ornstein-Uhlenbeck update of the momenta (O) that
-    brings the heat bath at temperature :math:`\tau`, and half a drift (A). With a minibatch
-    gradient the two half-kicks of consecutive steps merge into one.
+    The weights :math:`q` follow :math:`dq = M^{-1} p\,dt,\ dp = -\nabla L\,dt - \gamma p\,dt +
+    \sqrt{2 \gamma \tau} M^{1/2} dW`, whose stationary law is :math:`\propto e^{-L(q)/\tau}`: at
+    temperature :math:`\tau > 0` the weights keep exploring the low-loss region instead of
+    settling on one point, and a wide, flat basin holds more of that law than a sharp one. Each
+    step is the minibatch form of the BAOAB splitting (Leimkuhler & Matthews 2013: a kick by the
+    gradient, half a drift, an Ornstein-Uhlenbeck update of the momenta, half a drift; with a
+    minibatch gradient the half-kicks of consecutive steps merge). Written with the per-step
+    displacement :math:`v = h M^{-1} p`, momentum :math:`\beta = e^{-\gamma h}` and
+    :math:`\eta = h^2 = \text{lr}\,(1 - \beta)`:
+
+    .. math:: v \leftarrow v - \eta G g, \quad q \leftarrow q + v / 2, \quad
+              v \leftarrow \beta v + \sqrt{\eta \tau (1 - \beta^2) G}\, \xi, \quad q \leftarrow q + v / 2,
+
+    so at :math:`\tau = 0` it is heavy-ball descent whose steady step is :math:`\text{lr}\, G g`.
+    The mass :math:`M = G^{-1}` is the diagonal RMSprop preconditioner
+    :math:`G = 1 / (\sqrt{\hat v} + \epsilon)` of preconditioned SGLD (Li et al. 2016) with
+    `precondition`, so `lr` means what Adam's does; without it, :math:`G = 1`.
 
     Constrained parameters (default: every tensor of two or more dimensions, the weights of
     convolutions and linear layers) live on circle constraints (Leimkuhler et al. 2021): weight
     :math:`w = r \cos(s / r)` for an arclength :math:`s` on a circle of radius :math:`r`, so
-    :math:`|w| \le r` always; the dynamics run on :math:`s`, where the constrained Langevin
-    dynamics is exactly the unconstrained one with the gradient :math:`\partial L / \partial s =
-    -\sin(s / r)\, \partial L / \partial w`. Biases and norms are unconstrained.
-
-    At :math:`\tau = 0` it is heavy-ball descent (momentum :math:`e^{-\gamma h}`) on the
-    constrained weights. The stationary law of the weights is :math:`\propto e^{-L/\tau}` on the
-    constraint set: a flat region of the loss holds more of it than a sharp one.
+    :math:`|w| \le r` always; the dynamics run on :math:`s`, where the constrained dynamics is the
+    unconstrained one with the gradient :math:`\partial L / \partial s = -\sin(s / r)\,
+    \partial L / \partial w`. Biases and norms are unconstrained.
 
     Arguments:
         params: Parameters or parameter groups; a group may set `constrained` (bool) itself.
-        lr: The step size :math:`h` (a learning-rate scheduler scales it).
-        friction: :math:`\gamma`, per unit time.
+        lr: The steady step size for a constant gradient (in units of :math:`G g`).
+        momentum: :math:`\beta = e^{-\gamma h}`, in :math:`[0, 1)`.
         temperature: :math:`\tau`, in units of the loss.
         radius: :math:`r` of the circle constraints.
+        precondition: Use the RMSprop preconditioner (second-moment decay `beta2`, floor `eps`).
 
     References:
         | Better Training using Weight-Constrained Stochastic Dynamics (Leimkuhler et al., 2021)
         | https://arxiv.org/abs/2106.10704
+        | Preconditioned Stochastic Gradient Langevin Dynamics for Deep Neural Networks
+        | (Li et al., 2016) https://arxiv.org/abs/1512.07666
 
     Example:
         >>> w = torch.nn.Parameter(torch.full((2, 2), 0.3))
-        >>> opt = ConstrainedLangevin([w], lr=0.1, temperature=0.0, radius=0.5)
+        >>> opt = ConstrainedLangevin([w], lr=0.05, temperature=0.0, radius=0.5)
         >>> for _ in range(300):
         ...     opt.zero_grad(); (w - 0.9).square().sum().backward(); opt.step()
         >>> round(float(w.max()), 3)  # the constraint holds: |w| <= r
@@ -125,16 +137,20 @@ class ConstrainedLangevin(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable,
-        lr: float = 0.05,
-        friction: float = 1.0,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
         temperature: float = 1e-6,
         radius: float = 1.0,
+        precondition: bool = True,
+        beta2: float = 0.999,
+        eps: float = 1e-6,
         constrained: bool | None = None,
     ) -> None:
-        if lr <= 0 or friction < 0 or temperature < 0 or radius <= 0:
-            raise ValueError(f"ConstrainedLangevin: lr={lr}, friction={friction}, temperature={temperature}, radius={radius}: "
-                             "lr and radius must be > 0, friction and temperature >= 0")
-        defaults = dict(lr=lr, friction=friction, temperature=temperature, radius=radius, constrained=constrained)
+        if lr <= 0 or not 0 <= momentum < 1 or temperature < 0 or radius <= 0:
+            raise ValueError(f"ConstrainedLangevin: lr={lr}, momentum={momentum}, temperature={temperature}, radius={radius}: "
+                             "lr and radius must be > 0, momentum in [0, 1), temperature >= 0")
+        defaults = dict(lr=lr, momentum=momentum, temperature=temperature, radius=radius, precondition=precondition,
+                        beta2=beta2, eps=eps, constrained=constrained)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -144,33 +160,36 @@ class ConstrainedLangevin(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            h, gamma, tau, r = group["lr"], group["friction"], group["temperature"], group["radius"]
-            decay = math.exp(-gamma * h)
-            kick = math.sqrt(max(tau * (1.0 - decay**2), 0.0))
+            beta, tau, r = group["momentum"], group["temperature"], group["radius"]
+            eta = group["lr"] * (1.0 - beta)
             for w in group["params"]:
                 if w.grad is None:
                     continue
                 state = self.state[w]
                 on_circle = group["constrained"] if group["constrained"] is not None else w.ndim >= 2
                 if not state:
-                    state["p"] = torch.zeros_like(w)
+                    state["v"] = torch.zeros_like(w)
+                    state["step"] = 0
+                    if group["precondition"]:
+                        state["sq"] = torch.zeros_like(w)
                     if on_circle:
                         # arclength of the current weight on the circle, |w| clipped inside it
                         state["s"] = r * torch.arccos((w / r).clamp(-1 + 1e-6, 1 - 1e-6))
-                p = state["p"]
-                g = w.grad
-                if on_circle:
-                    s = state["s"]
-                    g = -torch.sin(s / r) * g
-                    q = s
+                v = state["v"]
+                g = -torch.sin(state["s"] / r) * w.grad if on_circle else w.grad
+                q = state["s"] if on_circle else w
+                state["step"] += 1
+                if group["precondition"]:
+                    sq = state["sq"].mul_(group["beta2"]).addcmul_(g, g, value=1 - group["beta2"])
+                    G = 1.0 / ((sq / (1 - group["beta2"] ** state["step"])).sqrt() + group["eps"])
                 else:
-                    q = w
-                p.add_(g, alpha=-h)                      # B
-                q.add_(p, alpha=0.5 * h)                 # A
-                p.mul_(decay)                            # O
-                if kick > 0:
-                    p.add_(torch.randn_like(p), alpha=kick)
-                q.add_(p, alpha=0.5 * h)                 # A
+                    G = torch.ones_like(g)
+                v.addcmul_(G, g, value=-eta)             # B
+                q.add_(v, alpha=0.5)                     # A
+                v.mul_(beta)                             # O
+                if tau > 0:
+                    v.addcmul_(torch.randn_like(v), (eta * tau * (1 - beta**2) * G).sqrt())
+                q.add_(v, alpha=0.5)                     # A
                 if on_circle:
                     w.copy_(r * torch.cos(q / r))
         return loss

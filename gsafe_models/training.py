@@ -120,6 +120,7 @@ def fit_representation(
     augment: bool = True,
     weight_decay: float = 0.0,
     progress: Callable[[dict], None] | None = None,
+    optimizer: str = "adam",
 ) -> list[dict]:
     r"""Trains a representation on raw cutouts streamed in batches; restores the best epoch.
 
@@ -142,6 +143,9 @@ def fit_representation(
         patience: Stop after this many epochs without improvement.
         augment: Train on random rotations and flips of each batch.
         weight_decay: AdamW's decoupled weight decay.
+        optimizer: `"adam"` (AdamW) or `"langevin"`: constrained, preconditioned Langevin dynamics
+            at temperature 1e-6 with weights on circles of radius 0.5
+            (:class:`~gsafe_models.langevin.ConstrainedLangevin`; `lr` as Adam's, no weight decay).
         progress: Called after every batch with `{"event": "batch", "batch", "loss", ...loss parts}`
             and after every epoch with `{"event": "epoch", ...}` and the epoch's record.
 
@@ -164,7 +168,14 @@ def fit_representation(
 
     model.to(device)
     normaliser.to(device)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if optimizer == "langevin":
+        from .langevin import ConstrainedLangevin
+
+        optimiser = ConstrainedLangevin(model.parameters(), lr=lr, temperature=1e-6, radius=0.5)
+    elif optimizer == "adam":
+        optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"fit_representation: optimizer={optimizer!r}, expected 'adam' or 'langevin'")
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(epochs, 1), eta_min=0.05 * lr)
     generator = torch.Generator().manual_seed(seed)
 

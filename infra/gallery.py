@@ -240,7 +240,7 @@ def _card_figure(card: Card, panels: dict[str, np.ndarray], rank: int) -> bytes:
     fig, axes = plt.subplots(rows, max(4, n_nb), figsize=(2.2 * max(4, n_nb), 2.4 * rows + 0.5), squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
-    captions = [_rgb_caption(tuple(card.bands), np.asarray(card.image).shape[0]), "reconstruction", "residual", card.method]
+    captions = panel_captions(card)
     for ax, (name, rgb), caption in zip(axes[0], panels.items(), captions):
         ax.imshow(rgb, interpolation="nearest", origin="lower")
         ax.set_title(caption, fontsize=9, parse_math=False)
@@ -365,8 +365,10 @@ def template_environment(*extra_dirs: str) -> jinja2.Environment:
 
 
 def panel_captions(card: Card) -> list[str]:
-    """Captions of the four panels of a card, in the order of `panels`."""
-    return [_rgb_caption(tuple(card.bands), np.asarray(card.image).shape[0]), "reconstruction", "residual", card.method]
+    """Captions of the four panels of a card, in the order of `panels` (DupLEX cards carry the
+    counterfactual normal version where others carry the reconstruction)."""
+    second = "counterfactual" if card.method == "duplex" else "reconstruction"
+    return [_rgb_caption(tuple(card.bands), np.asarray(card.image).shape[0]), second, "residual", card.method]
 
 
 def card_view(card: Card, rank: int, panel_src: list[str], neighbour_src: list[str] | None = None,

@@ -80,8 +80,12 @@ def build_cards(store: SurveyStore, det, cols: dict[str, np.ndarray], rows: np.n
     at = rows if at is None else np.asarray(at, dtype=np.int64)
     images = store.read_rows(rows)
     recon = det.reconstruct(images)
-    attribution = ex.explain(method, det.score_function(), det.impute_function(), torch.as_tensor(images),
-                             selector=selector).detach().cpu().numpy()
+    if method == "duplex":  # the card's "reconstruction" is then the counterfactual normal version
+        attribution, cf = ex.duplex(det.score_function(), ex.counterfactual_function(det), torch.as_tensor(images))
+        attribution, recon = attribution.detach().cpu().numpy(), cf.detach().cpu().numpy().astype(np.float32)
+    else:
+        attribution = ex.explain(method, det.score_function(), det.impute_function(), torch.as_tensor(images),
+                                 selector=selector).detach().cpu().numpy()
     cat = catalog if catalog is not None else store.read_catalog(None)
     if z_bank is None:
         z_bank = det.encode(store.read_rows(bank)) if len(bank) else np.zeros((0, 1))
@@ -118,7 +122,7 @@ def explain_rows_task(store_url: str, name: str, version: int, rows: list[int], 
     cols = table.read()
     rows = np.asarray(rows, dtype=np.int64)
     det = load_detector(payload)
-    selector = lex_selector(det, store_url, name, version) if method == "lex" else None
+    selector = None  # LEX runs per instance (gsafe_models.explain.lex): the amortized selector ranked worse (BENCHMARKS.md)
     cat = store.read_catalog(None)
     bank = _bank_rows(store, cols["p_value"], rows)
     cards, z_bank, z_top = build_cards(store, det, cols, rows, bank, method, selector, cat)

@@ -14,6 +14,8 @@ from gsafe_models.explain import (
     fill_missing,
     integrated_gradients,
     latent_map,
+    lex,
+    select_pixels,
     nearest_neighbours,
     occlusion,
     residual,
@@ -164,14 +166,36 @@ def test_lex_fit_is_seeded_and_leaves_the_detector_alone():
         assert q.grad is None
 
 
+def test_instance_lex_keeps_the_planted_blob_and_is_seeded():
+    x, footprint = toy_survey(8, seed=11, anomaly_every=1)
+    attr = lex(score_fn, x, impute_fn(x), seed=2)
+    assert attr.shape == x.shape
+    game = pointing_game(attr, footprint)
+    chance = footprint.float().mean((1, 2))
+    assert bool((game.share > 5 * chance).all()) and bool(game.hit.all())
+    torch.testing.assert_close(lex(score_fn, x, impute_fn(x), seed=2), attr)
+
+
+def test_select_pixels_ranks_the_pixels_a_score_needs_first():
+    # the score reads one 3x3 patch: every level keeps it, and nothing else
+    patch = torch.zeros(H, W, dtype=torch.bool)
+    patch[5:8, 15:18] = True
+    f = lambda x: (x * patch).flatten(1).sum(1)  # noqa: E731
+    keep = select_pixels(f, torch.ones(2, B, H, W), torch.zeros(2, B, H, W), steps=80)
+    assert keep.shape == (2, H, W)
+    assert float(keep[:, patch].min()) > float(keep[:, ~patch].max())
+
+
 def test_explain_dispatches_every_method(selector):
     x, _ = toy_survey(3, seed=9)
     assert explain("residual", score_fn, impute_fn, x).shape == (3, B, H, W)
     assert explain("integrated_gradients", score_fn, impute_fn, x, n_steps=8).shape == (3, B, H, W)
     assert explain("occlusion", score_fn, impute_fn, x, window=6, stride=6).shape == (3, B, H, W)
     assert explain("lex", score_fn, impute_fn, x, selector=selector).shape == (3, H, W)
-    with pytest.raises(ValueError, match="LexSelector"):
-        explain("lex", score_fn, impute_fn, x)
+    assert explain("lex", score_fn, impute_fn, x).shape == (3, B, H, W)  # per instance
+    with pytest.raises(ValueError, match="counterfactual_fn"):
+        explain("duplex", score_fn, impute_fn, x)
+    assert explain("duplex", score_fn, impute_fn, x, counterfactual_fn=impute_fn).shape == (3, B, H, W)
     with pytest.raises(ValueError, match="unknown method"):
         explain("saliency", score_fn, impute_fn, x)
 
