@@ -115,15 +115,9 @@ def print_table(rows: Sequence[Sequence], header: Sequence[str], title: str | No
 
 def band_noise(images: np.ndarray, border: int = 4) -> np.ndarray:
     """Per-band sky noise (1.4826 × MAD of the cutout borders), (B,) float32."""
-    x = np.asarray(images, np.float32)
-    edge = np.zeros(x.shape[-2:], bool)
-    edge[:border], edge[-border:], edge[:, :border], edge[:, -border:] = True, True, True, True
-    out = []
-    for b in range(x.shape[1]):
-        v = x[:, b][:, edge].ravel()
-        v = v[np.isfinite(v)]
-        out.append(MAD_TO_SIGMA * np.median(np.abs(v - np.median(v))) if v.size else 1.0)
-    return np.asarray(out, np.float32)
+    from gsafe_models.perturb import band_noise as noise
+
+    return noise(images, border)
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, noise: np.ndarray, extra_noise: float = 0.25) -> np.ndarray:

@@ -1,46 +1,9 @@
-r"""The Detector bundle: normaliser, representation, latent densities, statistics and the calibrated
+r"""The Detector bundle: normaliser, representation, fitted references, statistics and the calibrated
 combined test, trained from streamed batches and serialised to bytes as one model version.
 
-How the defaults were chosen (`bench/quality.py`: simulated survey, 64x64 pixels, grizy): train on
-3000 cutouts with 1 % contamination (calibration split: 452 of them), score 3000 fresh cutouts
-with 10 % anomalies. The statistic set and the combination rule were picked on the AUROC of the
-classes other than `merger` and `blend_point`, then checked on those two. AUROC per statistic
-(all; blend_point, cosmic_ray, lens, merger, saturated_star, trail), one AE, seed 0::
-
-    G               0.846  0.726 0.697 0.879 0.846 1.000 0.937
-    C               0.780  0.675 0.504 0.885 0.832 1.000 0.809
-    AS              0.814  0.696 0.589 0.896 0.847 1.000 0.872
-    peak            0.927  0.898 0.919 0.935 0.892 1.000 0.929
-    peak_core       0.903  0.953 0.728 0.981 0.963 1.000 0.816
-    sharpness       0.642  0.491 0.998 0.466 0.510 0.941 0.504
-    line            0.828  0.621 0.646 0.891 0.813 1.000 0.998
-    nll_gmm         0.792  0.642 0.496 0.881 0.854 1.000 0.894
-    nll_flow        0.781  0.631 0.479 0.851 0.863 1.000 0.879
-    typicality_gmm  0.724  0.600 0.487 0.780 0.717 1.000 0.787
-    typicality_flow 0.703  0.563 0.490 0.710 0.737 1.000 0.755
-    rao_gmm         0.825  0.727 0.530 0.875 0.919 1.000 0.916
-    rao_flow        0.800  0.769 0.547 0.750 0.921 0.999 0.844
-    colour          0.503  0.488 0.556 0.379 0.363 0.637 0.606
-    concentration   0.644  0.541 0.626 0.497 0.494 0.987 0.762
-    asymmetry       0.830  0.967 0.591 0.930 0.964 0.976 0.605
-    default, simes  0.973  0.947 0.996 0.961 0.948 1.000 0.986
-    same, fisher    0.968  0.945 0.987 0.971 0.959 1.000 0.954
-
-(seed 1: simes 0.978, held-out 0.963 / 0.959; fisher 0.975.) The AE reconstructs normal galaxies
-to the pixel noise, so the global residual :math:`G` is noise-dominated and misses compact
-anomalies; each default statistic covers a blind spot of the others (`peak_core`: lenses,
-mergers, blends; `asymmetry`: blends and mergers, from the pixels alone; `sharpness`: cosmic rays;
-`line`: trails; `peak`: anything compact elsewhere). Adding any other statistic to this set
-lowered the tuning-class AUROC under Simes' rule on seed 0 and at best tied it on seed 1 (`G`,
-`rao_flow`), and dropping any but `peak` lowered it on both; colour and concentration are near
-chance on these surveys. All remain available as settings.
-
-Simes' rule is the default: on the tuning classes it matched Bonferroni (0.985-0.987) and beat
-Fisher (0.976-0.983), Cauchy, Stouffer and DoSE on both seeds, and it needs no second calibration
-fold (valid under the positive dependence statistics of one cutout have), so each statistic is
-calibrated on the whole split and the survey's false-discovery list is longest: 94 and 142
-discoveries at q <= 0.1 on the two seeds, none false, where the two-stage Fisher test found 70
-and 33. Its combined p-values are conservative (above the uniform) rather than exactly uniform.
+Every statistic is one registered object in :mod:`gsafe_models.registry` (what it reads, what it
+needs fitted, how it is computed); the Detector fits exactly what its statistics need. How the
+defaults were chosen is in `bench/quality.py` and BENCHMARKS.md (leave-one-class-out protocol).
 """
 
 __all__ = [
@@ -51,7 +14,6 @@ __all__ = [
 
 import dataclasses
 import io
-import math
 import time
 
 from collections.abc import Callable, Iterable, Iterator
@@ -63,59 +25,24 @@ import torch.nn as nn
 from scipy import stats as sps
 from torch import Tensor
 
-from .calibration import CombinedTest, bh_qvalues
-from .density import GaussianMixture
-from .flow import LatentFlow
+from .calibration import COMBINERS, CombinedTest, bh_qvalues
 from .nets import build_representation, AutoEncoder, VAE
 from .normalise import BandNormaliser
-from .statistics import (
-    Mahalanobis,
-    RaoScore,
-    anomaly_score,
-    aperture_fluxes,
-    aperture_weights,
-    asymmetry,
-    colours,
-    concentration,
-    feature_residual,
-    line_residual,
-    local_residual,
-    peak_of,
-    sharpness,
-    reconstruction_residual,
-    typicality,
-)
+from .registry import FEATURES, PARTS, STATISTICS as _REGISTRY, Pass, requirements
 from .training import fit_representation, resolve_device
 
 BatchFactory = Callable[[], Iterable[np.ndarray]]
 
-#: Every statistic a Detector can compute, larger = more anomalous, one number per object:
-#: `G` pixel residual, `C` feature residual, `AS` their HSC mix, `peak` the largest local
-#: residual and `peak_core` the same within the central aperture (the object, not its
-#: neighbours), `sharpness` (sub-PSF residual: cosmic rays), `line` (residual along a line:
-#: trails), latent `nll_*` and `typicality_*` under the GMM and the flow, Rao's score
-#: `rao_*`, the Mahalanobis distances of the `colour` and `concentration` to those of normal
-#: objects of the same magnitude, and the (noise-corrected) `asymmetry`.
-STATISTICS: tuple[str, ...] = (
-    "G",
-    "C",
-    "AS",
-    "peak",
-    "peak_core",
-    "sharpness",
-    "line",
-    "nll_gmm",
-    "nll_flow",
-    "typicality_gmm",
-    "typicality_flow",
-    "rao_gmm",
-    "rao_flow",
-    "colour",
-    "concentration",
-    "asymmetry",
-)
+#: Every statistic a Detector can compute (see :mod:`gsafe_models.registry`), larger = more anomalous.
+STATISTICS: tuple[str, ...] = tuple(_REGISTRY)
 
-_FORMAT = 1  # bumped when the byte layout of `to_bytes` changes
+#: The representations `DetectorConfig.representation` accepts.
+REPRESENTATIONS: tuple[str, ...] = ("ae", "vae", "gan")
+
+#: The combination rules `DetectorConfig.combination` accepts.
+COMBINATIONS: tuple[str, ...] = (*COMBINERS, "dose")
+
+_FORMAT = 2  # bumped when the byte layout of `to_bytes` changes
 _CHUNK = 256  # cutouts per forward pass when scoring: bounded memory for any input size
 
 
@@ -124,7 +51,7 @@ class DetectorConfig:
     r"""The settings of :meth:`Detector.fit`; every field is a setting of `gsafe train`.
 
     Arguments:
-        representation: `"ae"` (autoencoder) or `"vae"`.
+        representation: `"ae"` (autoencoder), `"vae"` or `"gan"` (WGAN-GP with an encoder, :mod:`gsafe_models.gan`).
         latent_dim: The latent size :math:`D`.
         beta: The VAE's KL weight :math:`\beta`.
         epochs: The maximum number of training epochs.
@@ -140,11 +67,18 @@ class DetectorConfig:
         flow_transforms: The number of MAF transforms of the latent flow.
         flow_epochs: The maximum number of epochs of the latent flow.
         augment: Train on random rotations and flips of the cutouts.
-        normaliser_sample: The number of first training cutouts the normaliser is fitted on.
+        normaliser_sample: The number of first training cutouts the normaliser, the PCA basis and
+            the residual noise models are fitted on.
         softening: The normaliser's asinh softening :math:`k`, in units of the band noise.
         calibration_trim: The largest share of the calibration split's values per statistic
             that may be removed as outliers (the anomalies every real "normal" set holds; see
             :class:`~gsafe_models.calibration.TailCalibrator`); 0 keeps them all.
+        pca_components: Components of the PCA reconstruction (`*_pca` statistics).
+        chi_scales: Smoothing widths (pixels) of the multi-scale :math:`\chi` statistics.
+        noise_bins: Brightness bins of the residual noise models.
+        optimizer: How the autoencoder / VAE is trained: `"adam"` or `"langevin"` (constrained
+            Langevin dynamics, :class:`~gsafe_models.langevin.ConstrainedLangevin`; see
+            `bench/robustness.py`).
     """
 
     representation: str = "ae"
@@ -154,8 +88,6 @@ class DetectorConfig:
     batch_size: int = 128
     lr: float = 1e-3
     patience: int = 4
-    # Chosen on simulated surveys (see the module docstring): one statistic per blind spot of
-    # the others, combined by Simes' rule.
     statistics: tuple[str, ...] = ("peak_core", "asymmetry", "sharpness", "line", "peak")
     combination: str = "simes"
     seed: int = 0
@@ -168,172 +100,73 @@ class DetectorConfig:
     normaliser_sample: int = 1024
     softening: float = 2.0
     calibration_trim: float = 0.05
+    pca_components: int = 32
+    chi_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
+    noise_bins: int = 16
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
         self.statistics = tuple(self.statistics)
         self.channels = tuple(int(c) for c in self.channels)
         self.gmm_components = tuple(int(c) for c in self.gmm_components)
+        self.chi_scales = tuple(float(s) for s in self.chi_scales)
         unknown = [s for s in self.statistics if s not in STATISTICS]
         if unknown or not self.statistics:
             raise ValueError(f"DetectorConfig: statistics {list(self.statistics)}: unknown {unknown}; choose among {STATISTICS}")
-        if self.representation not in ("ae", "vae"):
-            raise ValueError(f"DetectorConfig: representation={self.representation!r}, expected 'ae' or 'vae'")
-
-
-def _base_keys(names: Iterable[str]) -> set[str]:
-    r"""Returns the :meth:`_Bundle.base` quantities that statistics `names` are derived from."""
-
-    keys = set()
-    for n in names:
-        if n == "AS":
-            keys |= {"G", "C"}
-        elif n.endswith(("_gmm", "_flow")):
-            keys.add("z")
-        else:
-            keys.add(n)
-    return keys
-
-
-def _needs(names: Iterable[str]) -> set[str]:
-    r"""Returns the parts (`gmm`, `flow`, `rao_gmm`, `rao_flow`, `colour`...) the statistics need."""
-
-    need = set()
-    for n in names:
-        if n.endswith("_gmm"):
-            need |= {"gmm"} | ({"rao_gmm"} if n == "rao_gmm" else set())
-        if n.endswith("_flow"):
-            need |= {"flow"} | ({"rao_flow"} if n == "rao_flow" else set())
-        if n in ("colour", "concentration"):
-            need.add(n)
-    return need
+        if len(set(self.statistics)) != len(self.statistics):
+            raise ValueError(f"DetectorConfig: statistics {list(self.statistics)} repeat a name")
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"DetectorConfig: representation={self.representation!r}, expected one of {REPRESENTATIONS}")
+        if self.optimizer not in ("adam", "langevin"):
+            raise ValueError(f"DetectorConfig: optimizer={self.optimizer!r}, expected one of ('adam', 'langevin')")
+        if self.combination not in COMBINATIONS:
+            raise ValueError(f"DetectorConfig: combination={self.combination!r}, expected one of {COMBINATIONS}")
 
 
 class _Bundle(nn.Module):
-    r"""Every torch part of a Detector, so one :py:`state_dict` carries them all.
+    r"""Every torch part of a Detector, so one :py:`state_dict` carries them all: the normaliser,
+    the representation, and the fitted parts of :mod:`gsafe_models.registry` by name.
 
-    The statistics are computed in two steps: :meth:`base` runs the network on raw cutouts and
-    returns per-object quantities (latents, residuals, photometric features); :meth:`derive`
-    turns those into statistics with the fitted densities and reference distributions. Training
-    runs :meth:`base` once over the survey, fits the references, then derives.
+    The statistics are computed in two steps: :meth:`features` runs one forward pass on raw
+    cutouts and returns per-object features; :meth:`derive` turns features into statistics with
+    the fitted parts. Training computes the features once over the survey, fits the parts, then
+    derives.
     """
 
-    def __init__(self, normaliser: BandNormaliser, net: AutoEncoder | VAE, lam: float) -> None:
+    def __init__(self, normaliser: BandNormaliser, net: AutoEncoder | VAE) -> None:
         super().__init__()
         self.normaliser = normaliser
         self.net = net
-        self.lam = lam
-        self.gmm: GaussianMixture | None = None
-        self.flow: LatentFlow | None = None
-        self.rao_gmm: RaoScore | None = None
-        self.rao_flow: RaoScore | None = None
-        self.maha = nn.ModuleDict()
-        B, H, W = net.shape
-        # Apertures in pixels, scaled with the cutout: the photometric aperture holds a galaxy's
-        # core, the asymmetry and core apertures the galaxy but mostly not its neighbours.
-        self.aperture = max(2.0, 0.1 * min(H, W))
-        self.asymmetry_aperture = max(3.0, 0.2 * min(H, W))
-        self.register_buffer("core", aperture_weights(H, W, max(3.0, 0.19 * min(H, W))))
-        # NaN until fitted: AS needs the training scales of G and C
-        self.register_buffer("g_scale", torch.tensor(math.nan, dtype=torch.float64))
-        self.register_buffer("c_scale", torch.tensor(math.nan, dtype=torch.float64))
-        self.register_buffer("nll_mean", torch.zeros(2, dtype=torch.float64))  # gmm, flow
+        self.parts = nn.ModuleDict()
+        # the differentiable surrogate of the combined score: statistics standardised on the calibration split
         self.register_buffer("surrogate_loc", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("surrogate_scale", torch.ones(0, dtype=torch.float64))
 
-    def photometry(self, images: Tensor) -> dict[str, Tensor]:
-        r"""Returns photometric features of raw cutouts :math:`(N, B, H, W)` (no NaN).
-
-        `colour` :math:`(N, B)` (adjacent-band colours, then the magnitude), `concentration`
-        :math:`(N, 2)` (concentration, magnitude) and `asymmetry` :math:`(N,)`. Magnitudes are
-        asinh magnitudes of the detection image (the bands in noise units, summed, with unit
-        noise), in the central aperture; colours and concentration are compared with normal
-        objects of the same magnitude.
-        """
-
-        norm = self.normaliser
-        u = (images - norm.sky.view(1, -1, 1, 1)) / norm.noise.view(1, -1, 1, 1)  # noise units
-        detection = u.sum(1) / math.sqrt(u.shape[1])  # unit noise per pixel
-        npix = float(aperture_weights(*detection.shape[-2:], self.aperture).sum())
-        mag = -torch.asinh(aperture_fluxes(detection[:, None], self.aperture)[:, 0] / (2 * math.sqrt(npix)))
-        return {
-            "colour": torch.cat([colours(u, self.aperture), mag[:, None]], dim=1),
-            "concentration": torch.stack([concentration(detection), mag], dim=1),
-            "asymmetry": asymmetry(detection, self.asymmetry_aperture, noise=1.0),
-        }
-
-    def base(self, images: Tensor, names: Iterable[str] = STATISTICS) -> dict[str, Tensor]:
-        r"""Returns the per-object base quantities that statistics `names` need, of raw cutouts
-        :math:`(N, B, H, W)` (NaN allowed): latents `z`, residual statistics, photometry."""
-
-        keys = _base_keys(names)
-        x, mask = self.normaliser(images)
-        z = self.net.encode(x, mask)
-        x_hat = self.net.decode(z)
-        out = {"z": z}
-        if "G" in keys:
-            out["G"] = reconstruction_residual(x, x_hat, mask)
-        if keys & {"peak", "peak_core"}:
-            local = local_residual(x, x_hat, mask)  # one map for both peaks
-            if "peak" in keys:
-                out["peak"] = peak_of(local)
-            if "peak_core" in keys:
-                out["peak_core"] = peak_of(local, self.core)
-        if keys & {"sharpness", "line"}:
-            r = mask * (x - x_hat) / self.normaliser.unit_noise.view(1, -1, 1, 1).to(x)  # noise units
-            if "sharpness" in keys:
-                out["sharpness"] = sharpness(r)
-            if "line" in keys:
-                out["line"] = line_residual(r, mask)
-        # Missing pixels take the reconstruction's value, so they add nothing to C and the
-        # photometry sees a complete cutout.
-        if "C" in keys:
-            filled = mask * x + (1 - mask) * x_hat
-            ones = torch.ones_like(mask)
-            out["C"] = feature_residual(self.net.features(filled, ones), self.net.features(x_hat, ones))
-        if keys & {"colour", "concentration", "asymmetry"}:
-            raw = torch.where(mask.bool(), torch.nan_to_num(images.to(x.dtype)), self.normaliser.inverse(x_hat))
-            out.update({k: v for k, v in self.photometry(raw).items() if k in keys})
-        return out
-
     def fitted(self, name: str) -> bool:
-        r"""Returns whether the references statistic `name` is compared with were fitted."""
+        r"""Returns whether every part statistic `name` needs was fitted."""
 
-        if name == "AS":
-            return not bool(self.g_scale.isnan())
-        if name.endswith(("_gmm", "_flow")):
-            density = name.rsplit("_", 1)[1]
-            part = f"rao_{density}" if name.startswith("rao") else density
-            return getattr(self, part) is not None
-        if name in ("colour", "concentration"):
-            return name in self.maha
-        return name in STATISTICS
+        return all(p in self.parts for p in requirements([name])[1])
 
-    def derive(self, base: dict[str, Tensor], names: Iterable[str]) -> dict[str, Tensor]:
-        r"""Returns the named statistics, each :math:`(N,)`, from :meth:`base` quantities."""
+    def features(self, images: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
+        r"""Returns the features that statistics `names` read, of raw cutouts :math:`(N, B, H, W)`."""
 
-        out: dict[str, Tensor] = {}
-        z = base["z"]
-        nll: dict[str, Tensor] = {}  # each density evaluated once for its nll and typicality
+        feats = requirements(names)[0]
+        missing = [p for f in feats for p in FEATURES[f].parts if p not in self.parts]
+        if missing:
+            raise KeyError(f"statistics {list(names)} need parts {sorted(set(missing))} this detector did not fit: "
+                           f"fit one with them among its statistics")
+        p = Pass(self, images)
+        return {f: FEATURES[f].compute(p) for f in feats}
+
+    def derive(self, feats: dict[str, Tensor], names: Iterable[str]) -> dict[str, Tensor]:
+        r"""Returns the named statistics, each :math:`(N,)`, from :meth:`features`."""
+
+        out = {}
         for name in names:
-            if name in ("G", "C", "peak", "peak_core", "sharpness", "line", "asymmetry"):
-                s = base[name]
-            elif not self.fitted(name):
+            s = _REGISTRY[name]
+            if not self.fitted(name):
                 raise KeyError(f"statistic {name!r} was not fitted by this detector: fit one with it among its statistics")
-            elif name == "AS":
-                s = anomaly_score(base["G"], base["C"], self.lam, self.g_scale.to(z.dtype), self.c_scale.to(z.dtype))
-            elif name in ("nll_gmm", "typicality_gmm"):
-                s = nll["gmm"] = nll["gmm"] if "gmm" in nll else -self.gmm.log_prob(z).to(z.dtype)
-                s = typicality(s, self.nll_mean[0].to(z.dtype)) if name.startswith("typ") else s
-            elif name in ("nll_flow", "typicality_flow"):
-                s = nll["flow"] = nll["flow"] if "flow" in nll else -self.flow.log_prob(z).to(z.dtype)
-                s = typicality(s, self.nll_mean[1].to(z.dtype)) if name.startswith("typ") else s
-            elif name == "rao_gmm":
-                s = self.rao_gmm(self.gmm, z.to(torch.float64)).to(z.dtype)
-            elif name == "rao_flow":
-                s = self.rao_flow(self.flow, z).to(z.dtype)
-            else:
-                s = self.maha[name](base[name]).to(z.dtype)
-            out[name] = s
+            out[name] = s.compute(feats, self.parts)
         return out
 
 
@@ -373,11 +206,10 @@ class Detector:
 
     1. :class:`~gsafe_models.normalise.BandNormaliser` (per-band sky, noise, asinh stretch);
     2. a convolutional :class:`~gsafe_models.nets.AutoEncoder` or :class:`~gsafe_models.nets.VAE`;
-    3. latent densities, :class:`~gsafe_models.density.GaussianMixture` (BIC) and
-       :class:`~gsafe_models.flow.LatentFlow`;
-    4. per-object statistics (:data:`STATISTICS`), with their references (AS scales, mean
-       training NLL for typicality, Fisher information for Rao, Mahalanobis fits for photometry)
-       fitted on the training split;
+    3. the parts the statistics need (:mod:`gsafe_models.registry`): residual noise models and a
+       PCA basis on a sample, then latent densities, photometric references and the nulls of the
+       residual summaries on the training split;
+    4. per-object statistics;
     5. a :class:`~gsafe_models.calibration.CombinedTest` on the calibration split: one conformal
        p-value per statistic, combined into one p-value and a continuous score.
 
@@ -461,20 +293,27 @@ class Detector:
         if len(bands) != shape[0]:
             raise ValueError(f"Detector.fit: {len(bands)} band names {bands} for cutouts with {shape[0]} bands")
         normaliser = BandNormaliser(shape[0], softening=config.softening).fit(sample, seed=config.seed)
-        del sample
 
         report({"stage": "representation"})
-        if config.representation == "vae":
-            net = VAE(shape, config.latent_dim, config.beta, config.channels)
-        else:
-            net = AutoEncoder(shape, config.latent_dim, config.channels)
-        history = fit_representation(
-            net, normaliser, train, val,
-            epochs=config.epochs, lr=config.lr, device=device, seed=config.seed,
-            patience=config.patience, augment=config.augment, progress=progress,
-        )
+        if config.representation == "gan":  # WGAN-GP + encoder (gsafe_models.gan): its own two-stage training
+            from .gan import EncodedWGAN, fit_gan
 
-        detector = cls.assemble(normaliser, net, train, calib, config=config, bands=bands, device=device, progress=progress)
+            net = EncodedWGAN(shape, config.latent_dim, config.channels)
+            history = fit_gan(net, normaliser, train, val, epochs=config.epochs, device=device, seed=config.seed,
+                              patience=config.patience, augment=config.augment, progress=progress)
+        else:
+            if config.representation == "vae":
+                net = VAE(shape, config.latent_dim, config.beta, config.channels)
+            else:
+                net = AutoEncoder(shape, config.latent_dim, config.channels)
+            history = fit_representation(
+                net, normaliser, train, val,
+                epochs=config.epochs, lr=config.lr, device=device, seed=config.seed,
+                patience=config.patience, augment=config.augment, progress=progress, optimizer=config.optimizer,
+            )
+
+        detector = cls.assemble(normaliser, net, train, calib, config=config, bands=bands, device=device,
+                                progress=progress, sample=sample)
         detector.history = history
         detector.diagnostics["fit_seconds"] = time.perf_counter() - start
         return detector
@@ -491,9 +330,10 @@ class Detector:
         bands: tuple[str, ...] | None = None,
         device: str | None = None,
         progress: Callable[[dict], None] | None = None,
+        sample: np.ndarray | None = None,
     ) -> "Detector":
-        r"""Builds a detector around a trained representation: fits the latent densities and
-        the statistics' references on `train`, and calibrates on `calib`.
+        r"""Builds a detector around a trained representation: fits the parts its statistics need
+        on `train`, and calibrates on `calib`.
 
         :meth:`fit` calls it after training; call it directly to re-calibrate a trained
         representation with other statistics or another combination rule.
@@ -503,37 +343,51 @@ class Detector:
             net: A trained representation.
             train: Batches of training cutouts (as in :meth:`fit`).
             calib: Batches of calibration cutouts.
-            config: The settings; `statistics`, `combination`, `lam`, `gmm_components` and
-                `flow_*` are those used here.
+            config: The settings; `statistics`, `combination`, `lam`, `gmm_components`,
+                `flow_*`, `pca_components`, `chi_scales` and `noise_bins` are those used here.
             bands: The band names; default `band0`, `band1`...
             device: `"cuda"`, `"cpu"`..., or None for CUDA when present.
             progress: Called with `{"stage": ...}` as each stage starts.
+            sample: The first training cutouts the sample parts are fitted on (default: the
+                first `config.normaliser_sample` of `train`).
         """
 
         device = resolve_device(device)
         report = progress or (lambda event: None)
         bands = tuple(bands) if bands is not None else tuple(f"band{i}" for i in range(net.shape[0]))
-        bundle = _Bundle(normaliser, net, config.lam).to(device).eval()
+        bundle = _Bundle(normaliser, net).to(device).eval()
+        names = list(config.statistics)
+        feats, parts = requirements(names)
+
+        sample_parts = [p for p in parts if PARTS[p].sample]
+        if sample_parts:
+            report({"stage": "noise model"})
+            data = _sample_data(bundle, _take(train, config.normaliser_sample) if sample is None else sample, device)
+            for p in sample_parts:
+                bundle.parts[p] = PARTS[p].fit(bundle, data, config).to(device)
+            del data
 
         report({"stage": "latents"})
-        base = _base_all(bundle, train, device, config.statistics)
-        if len(base["z"]) < 2:
+        f_train = _features_all(bundle, train, device, names)
+        if len(next(iter(f_train.values()))) < 2:
             raise ValueError("Detector.fit: fewer than 2 training cutouts")
 
         report({"stage": "density"})
-        _fit_references(bundle, base, config, device)
+        for p in parts:
+            if not PARTS[p].sample:
+                bundle.parts[p] = PARTS[p].fit(bundle, f_train, config).to(device)
 
         report({"stage": "calibration"})
-        names = list(config.statistics)
         with torch.no_grad():
-            S_train = _matrix(bundle.derive(base, names), names)
-            S_calib = _matrix(bundle.derive(_base_all(bundle, calib, device, names), names), names)
+            S_train = _matrix(bundle.derive(f_train, names), names)
+            S_calib = _matrix(bundle.derive(_features_all(bundle, calib, device, names), names), names)
+        del f_train
         if len(S_calib) < 2:
             raise ValueError("Detector.fit: fewer than 2 calibration cutouts")
         test = CombinedTest(config.combination, seed=config.seed, trim=config.calibration_trim).fit(S_train, S_calib, names)
 
-        # The differentiable surrogate of the combined score standardises each statistic on
-        # normal data (median, IQR) of the calibration split.
+        # The differentiable surrogate of the combined score standardises each statistic on normal
+        # data (median, IQR) of the calibration split.
         q25, q50, q75 = np.quantile(S_calib, [0.25, 0.5, 0.75], axis=0)
         bundle.surrogate_loc = torch.as_tensor(q50, dtype=torch.float64, device=device)
         bundle.surrogate_scale = torch.as_tensor(np.maximum(q75 - q25, 1e-12) / 1.349, dtype=torch.float64, device=device)
@@ -549,7 +403,7 @@ class Detector:
     # Scoring
 
     def _device(self) -> torch.device:
-        return self._bundle.core.device
+        return self._bundle.normaliser.sky.device
 
     def _chunks(self, images: np.ndarray) -> Iterator[Tensor]:
         images = np.asarray(images)
@@ -585,9 +439,15 @@ class Detector:
         """
 
         names = list(self.statistic_names if names is None else names)
+        unknown = [n for n in names if n not in STATISTICS]
+        if unknown:
+            raise KeyError(f"Detector.statistics: unknown statistics {unknown}; known: {STATISTICS}")
+        for n in names:
+            if not self._bundle.fitted(n):
+                raise KeyError(f"statistic {n!r} was not fitted by this detector: fit one with it among its statistics")
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
         for x in self._chunks(images):
-            for n, s in self._bundle.derive(self._bundle.base(x, names), names).items():
+            for n, s in self._bundle.derive(self._bundle.features(x, names), names).items():
                 parts[n].append(s.double().cpu().numpy())
         return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
 
@@ -642,12 +502,12 @@ class Detector:
         def fn(images: Tensor) -> Tensor:
             images = images.to(self._device(), torch.float32)
             wanted = names if statistic is None else [statistic]
-            stats = bundle.derive(bundle.base(images, wanted), wanted)
+            stats = bundle.derive(bundle.features(images, wanted), wanted)
             if statistic is not None:
                 return stats[statistic]
-            S = torch.stack([stats[n] for n in names], dim=1)
+            S = torch.stack([stats[n].to(torch.float64) for n in names], dim=1)
             u = (S - bundle.surrogate_loc.to(S)) / bundle.surrogate_scale.to(S)
-            return u.mean(1)
+            return u.mean(1).to(images.dtype)
 
         return fn
 
@@ -682,12 +542,7 @@ class Detector:
             "bands": list(self.bands),
             "normaliser": b.normaliser.config(),
             "net": b.net.config(),
-            "gmm": None if b.gmm is None else b.gmm.config(),
-            "flow": None if b.flow is None else b.flow.config(),
-            "rao_gmm": None if b.rao_gmm is None else b.rao_gmm.config(),
-            "rao_flow": None if b.rao_flow is None else b.rao_flow.config(),
-            "maha": {k: m.config() for k, m in b.maha.items()},
-            "lam": b.lam,
+            "parts": {k: m.config() for k, m in b.parts.items()},
             "state_dict": {k: v.detach().cpu() for k, v in b.state_dict().items()},
             "test": _tree_to_torch(self._test.state()),
             "history": _tree_to_torch(self.history),
@@ -709,17 +564,12 @@ class Detector:
         net_config = dict(payload["net"])
         net_config["shape"] = tuple(net_config["shape"])
         net_config["channels"] = tuple(net_config["channels"])
-        bundle = _Bundle(BandNormaliser(**payload["normaliser"]), build_representation(net_config), payload["lam"])
-        if payload["gmm"] is not None:
-            bundle.gmm = GaussianMixture(**payload["gmm"])
-        if payload["flow"] is not None:
-            bundle.flow = LatentFlow(**{**payload["flow"], "hidden": tuple(payload["flow"]["hidden"])})
-        if payload["rao_gmm"] is not None:
-            bundle.rao_gmm = RaoScore(**payload["rao_gmm"])
-        if payload["rao_flow"] is not None:
-            bundle.rao_flow = RaoScore(**payload["rao_flow"])
-        for k, c in payload["maha"].items():
-            bundle.maha[k] = Mahalanobis(**c)
+        bundle = _Bundle(BandNormaliser(**payload["normaliser"]), build_representation(net_config))
+        for name, c in payload["parts"].items():
+            if name not in PARTS:
+                raise ValueError(f"Detector.from_bytes: part {name!r} is unknown to this gsafe; retrain it (`gsafe train`) "
+                                 f"or use the gsafe that made it")
+            bundle.parts[name] = PARTS[name].build(**c)
         state = payload["state_dict"]
         for name in ("surrogate_loc", "surrogate_scale"):  # sized at fit time
             setattr(bundle, name, torch.empty_like(state[name]))
@@ -734,33 +584,15 @@ class Detector:
         return cls(config, bundle, test, tuple(payload["bands"]), _tree_from_torch(payload["history"]), _tree_from_torch(payload["diagnostics"]))
 
 
-def _fit_references(bundle: _Bundle, base: dict[str, Tensor], config: DetectorConfig, device: torch.device) -> None:
-    r"""Fits, on the training split's base quantities, what the statistics compare with: the
-    latent densities, the mean training NLL (typicality), the Fisher information (Rao), the
-    photometric Mahalanobis fits and the AS scales."""
+@torch.no_grad()
+def _sample_data(bundle: _Bundle, sample: np.ndarray, device: torch.device) -> dict[str, Tensor]:
+    r"""The normalised sample the sample parts are fitted on: `x`, `mask`, `x_hat` :math:`(n, B, H, W)`."""
 
-    needs = _needs(config.statistics)
-    z = base["z"]
-    if "gmm" in needs:
-        # at least ~4 D objects per component, so full covariances stay well determined
-        components = tuple(k for k in config.gmm_components if k <= max(1, len(z) // (4 * z.shape[1])))
-        bundle.gmm = GaussianMixture.fit_bic(z, components=components or (1,), seed=config.seed)
-        bundle.nll_mean[0] = -bundle.gmm.log_prob(z).double().mean()
-    if "flow" in needs:
-        flow = LatentFlow(z.shape[1], transforms=config.flow_transforms, hidden=(64, 64))
-        bundle.flow = flow.fit(z, epochs=config.flow_epochs, seed=config.seed)
-        with torch.no_grad():
-            bundle.nll_mean[1] = -bundle.flow.log_prob(z).double().mean()
-    if "rao_gmm" in needs:
-        bundle.rao_gmm = RaoScore.for_density(bundle.gmm).to(device).fit(bundle.gmm, z.double())
-    if "rao_flow" in needs:
-        bundle.rao_flow = RaoScore.for_density(bundle.flow).to(device).fit(bundle.flow, z)
-    for name in ("colour", "concentration"):
-        if name in needs:
-            bundle.maha[name] = Mahalanobis(base[name].shape[1], given=1).to(device).fit(base[name])
-    if "AS" in config.statistics:
-        bundle.g_scale = base["G"].double().median().clamp_min(1e-12)
-        bundle.c_scale = base["C"].double().median().clamp_min(1e-12)
+    xs, masks, hats = [], [], []
+    for i in range(0, len(sample), _CHUNK):
+        x, m = bundle.normaliser(torch.as_tensor(np.asarray(sample[i : i + _CHUNK], np.float32)).to(device))
+        xs.append(x), masks.append(m), hats.append(bundle.net.decode(bundle.net.encode(x, m)))
+    return {"x": torch.cat(xs), "mask": torch.cat(masks), "x_hat": torch.cat(hats)}
 
 
 def _take(factory: BatchFactory, n: int) -> np.ndarray:
@@ -779,15 +611,15 @@ def _take(factory: BatchFactory, n: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def _base_all(bundle: _Bundle, factory: BatchFactory, device: torch.device, names: Iterable[str]) -> dict[str, Tensor]:
-    r"""Runs :meth:`_Bundle.base` over every batch of a factory, `_CHUNK` cutouts at a time."""
+def _features_all(bundle: _Bundle, factory: BatchFactory, device: torch.device, names: Iterable[str]) -> dict[str, Tensor]:
+    r"""Runs :meth:`_Bundle.features` over every batch of a factory, `_CHUNK` cutouts at a time."""
 
     parts: dict[str, list[Tensor]] = {}
     for batch in factory():
         batch = np.asarray(batch, dtype=np.float32)
         for i in range(0, len(batch), _CHUNK):
             x = torch.as_tensor(batch[i : i + _CHUNK]).to(device)
-            for k, v in bundle.base(x, names).items():
+            for k, v in bundle.features(x, names).items():
                 parts.setdefault(k, []).append(v)
     if not parts:
         raise ValueError("Detector.fit: a batch factory yielded no batch")

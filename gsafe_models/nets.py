@@ -5,6 +5,7 @@ __all__ = [
     "Decoder",
     "AutoEncoder",
     "VAE",
+    "PCABasis",
     "build_representation",
     "masked_mse",
 ]
@@ -282,5 +283,67 @@ def build_representation(config: dict) -> AutoEncoder | VAE:
         return AutoEncoder(**config)
     if kind == "vae":
         return VAE(**config)
-    raise ValueError(f"build_representation: kind={kind!r}, expected 'ae' or 'vae'")
+    if kind == "gan":  # gsafe_models.gan imports this module: imported here, when asked for
+        from .gan import EncodedWGAN
 
+        return EncodedWGAN(**config)
+    raise ValueError(f"build_representation: kind={kind!r}, expected 'ae', 'vae' or 'gan'")
+
+
+
+class PCABasis(nn.Module):
+    r"""Creates a linear reconstruction of normalised cutouts by their first :math:`k` principal
+    components: few free parameters, fitted in seconds, robust where a network would learn the
+    anomalies of a small, dirty training set; its residual complements the autoencoder's.
+
+    Missing pixels are filled with the mean before projecting.
+
+    References:
+        | On Lines and Planes of Closest Fit to Systems of Points in Space (Pearson, 1901)
+        | https://doi.org/10.1080/14786440109462720
+
+    Arguments:
+        shape: The cutout shape :math:`(B, H, W)`.
+        components: :math:`k`.
+
+    Example:
+        >>> x = torch.randn(64, 2, 8, 8)
+        >>> pca = PCABasis((2, 8, 8), 4).fit(x, torch.ones_like(x))
+        >>> pca(x, torch.ones_like(x)).shape
+        torch.Size([64, 2, 8, 8])
+    """
+
+    def __init__(self, shape: tuple[int, int, int], components: int = 32) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.components = int(components)
+        d = self.shape[0] * self.shape[1] * self.shape[2]
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("basis", torch.zeros(self.components, d))
+
+    def config(self) -> dict:
+        return {"shape": self.shape, "components": self.components}
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, mask: Tensor) -> "PCABasis":
+        r"""Fits mean and components to normalised cutouts :math:`(N, B, H, W)` (mask 1 = valid)."""
+
+        X = (x * mask).flatten(1).double()
+        w = mask.flatten(1).double()
+        mean = X.sum(0) / w.sum(0).clamp_min(1.0)
+        X = torch.where(w > 0, X, mean.expand_as(X)) - mean
+        k = min(self.components, X.shape[0] - 1, X.shape[1])
+        _, _, V = torch.linalg.svd(X, full_matrices=False)
+        basis = torch.zeros_like(self.basis, dtype=torch.float64)
+        basis[:k] = V[:k]
+        self.mean = mean.to(self.mean)
+        self.basis = basis.to(self.basis)
+        return self
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        r"""Returns the reconstruction :math:`(N, B, H, W)` of normalised cutouts."""
+
+        mean = self.mean.to(x)
+        X = torch.where(mask.flatten(1) > 0, x.flatten(1), mean.expand(x.shape[0], -1)) - mean
+        basis = self.basis.to(x)
+        return ((X @ basis.T) @ basis + mean).view_as(x)
