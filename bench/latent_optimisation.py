@@ -22,6 +22,7 @@ full `Detector.score` rate (the amortized residual alone is faster still; it is 
     python bench/latent_optimisation.py              # 256 cutouts, 200 steps: ~4 min on 2 cores
     python bench/latent_optimisation.py --quick      # 64 cutouts, 100 steps, 2 epochs: timings only
     python bench/latent_optimisation.py --steps 500 --lr 0.02
+    python bench/latent_optimisation.py --representation gan --epochs 30 --batch-size 32   # the HSC hunt's GAN
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def parse_args() -> argparse.Namespace:
                    help="training epochs of the Detector (default: DetectorConfig's; with few, the decoder "
                         "barely uses z and the comparison says nothing)")
     p.add_argument("--size", type=int, default=64, help="cutout side H = W, pixels")
+    p.add_argument("--representation", default="ae",
+                   help="ae, or gan: the HSC hunt's WGAN-GP, whose AnoGAN scoring is exactly this latent optimisation "
+                        "through the generator (the encoder is f-AnoGAN's); AS = λG + (1-λ)C uses the critic's features")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: DetectorConfig's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     p.add_argument("--quick", action="store_true",
                    help="a smaller run: 512 training, 64 scored, 100 steps, 2 epochs (timings only)")
@@ -79,7 +84,9 @@ def fit(train: np.ndarray, args):
 
     n_cal = max(64, len(train) // 5)
     fit_rows, cal_rows = train[:-n_cal], train[-n_cal:]
-    config = DetectorConfig(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+    config = DetectorConfig(seed=args.seed, representation=args.representation,
+                            **({"epochs": args.epochs} if args.epochs else {}),
+                            **({"batch_size": args.batch_size} if args.batch_size else {}))
     bs = config.batch_size
 
     def batches(x):
@@ -88,27 +95,39 @@ def fit(train: np.ndarray, args):
     return Detector.fit(batches(fit_rows), batches(cal_rows), config=config), config
 
 
-def amortized_residual(det, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """G from the encoder's z: normalise → encode → decode → RMS residual over valid pixels."""
-    from gsafe_models.statistics import reconstruction_residual
+def residuals(net, x, mask, x_hat) -> np.ndarray:
+    """(G, C) per cutout, (n, 2): the RMS pixel residual and the RMS residual of the network's
+    features (the encoder's for an autoencoder, the critic's for the GAN), as the registry's G and C."""
+    from gsafe_models.statistics import feature_residual, reconstruction_residual
 
+    filled, ones = mask * x + (1 - mask) * x_hat, torch.ones_like(mask)
+    c = feature_residual(net.features(filled, ones), net.features(x_hat, ones))
+    return torch.stack([reconstruction_residual(x, x_hat, mask), c], 1).double().numpy()
+
+
+def amortized_residual(det, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """(G, C) (n, 2) from the encoder's z: normalise → encode → decode → residuals."""
     b = det._bundle
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
             x, mask = b.normaliser(torch.as_tensor(images[i:i + batch]))
-            out.append(reconstruction_residual(x, b.net.decode(b.net.encode(x, mask)), mask).double().numpy())
+            out.append(residuals(b.net, x, mask, b.net.decode(b.net.encode(x, mask))))
     return np.concatenate(out)
 
 
+def anomaly_score(gc: np.ndarray, reference: np.ndarray, lam: float) -> np.ndarray:
+    """AS = λ G / s_G + (1 − λ) C / s_C, scales the medians of `reference` (n, 2) (Storey-Fisher et al. 2021)."""
+    s = np.median(reference, axis=0)
+    return lam * gc[:, 0] / s[0] + (1 - lam) * gc[:, 1] / s[1]
+
+
 def optimised_residual(det, images: np.ndarray, z_train: np.ndarray, args) -> tuple[np.ndarray, list[float]]:
-    """G left after `args.steps` Adam steps on z per cutout (decoder frozen); and the mean loss
-    of the first batch every tenth of the way.
+    """(G, C) (n, 2) left after `args.steps` Adam steps on z per cutout (decoder frozen); and the mean
+    loss of the first batch every tenth of the way.
 
     z = mean + std ⊙ u over the training latents, u from 0: the step size is then in units of each
     latent dimension's spread, whatever the encoder's scale."""
-    from gsafe_models.statistics import reconstruction_residual
-
     b = det._bundle
     z_mean = torch.as_tensor(z_train.mean(0, keepdims=True))
     z_std = torch.as_tensor(z_train.std(0, keepdims=True)).clamp_min(1e-6)
@@ -132,7 +151,7 @@ def optimised_residual(det, images: np.ndarray, z_train: np.ndarray, args) -> tu
                 if i == 0 and step % max(1, args.steps // 10) == 0:
                     trace.append(float(per_image.detach().mean()))
             with torch.no_grad():
-                out.append(reconstruction_residual(x, b.net.decode(z_mean + z_std * u), mask).double().numpy())
+                out.append(residuals(b.net, x, mask, b.net.decode(z_mean + z_std * u)))
     finally:
         for p, r in zip(params, before):
             p.requires_grad_(r)
@@ -158,10 +177,13 @@ def main() -> None:
         with Timer() as t_score:
             score = det.score(sample)["score"]
         with Timer() as t_amort:
-            g_amort = amortized_residual(det, sample)
+            gc_amort = amortized_residual(det, sample)
         z_train = det.encode(train)
         with Timer() as t_opt:
-            g_opt, trace = optimised_residual(det, sample, z_train, args)
+            gc_opt, trace = optimised_residual(det, sample, z_train, args)
+        reference = amortized_residual(det, train[:512])
+        g_amort, g_opt = gc_amort[:, 0], gc_opt[:, 0]
+        as_amort, as_opt = (anomaly_score(gc, reference, config.lam) for gc in (gc_amort, gc_opt))
 
         n = len(sample)
         normal = labels == 0
@@ -172,14 +194,17 @@ def main() -> None:
              auroc(g_amort, labels), float(np.median(g_amort[normal]))],
             [f"latent optimisation G ({args.steps} Adam steps, lr {args.lr}, batch {args.batch})",
              n / t_opt.seconds, 1000 * t_opt.seconds / n, auroc(g_opt, labels), float(np.median(g_opt[normal]))],
+            [f"amortized AS = {config.lam} G + {1 - config.lam:.1f} C ({'critic' if args.representation == 'gan' else 'encoder'} features)",
+             n / t_amort.seconds, 1000 * t_amort.seconds / n, auroc(as_amort, labels), "-"],
+            ["latent optimisation AS (same z as its G)", n / t_opt.seconds, 1000 * t_opt.seconds / n, auroc(as_opt, labels), "-"],
         ]
         print_table([[r[0], f"{r[1]:.1f}", f"{r[2]:.1f}", r[3], r[4]] for r in rows],
                     ["scoring", "cutouts/s", "ms per cutout", "AUROC", "median G (normals)"],
                     f"Scoring {n} cutouts ({labels.sum()} anomalies), same decoder")
-        per_class = [[c, int((classes == c).sum()), auroc(g_amort[normal | (classes == c)], labels[normal | (classes == c)]),
-                      auroc(g_opt[normal | (classes == c)], labels[normal | (classes == c)])]
+        per_class = [[c, int((classes == c).sum()), *(auroc(v[normal | (classes == c)], labels[normal | (classes == c)])
+                                                       for v in (g_amort, g_opt, as_amort, as_opt))]
                      for c in sorted(set(classes[labels == 1]))]
-        print_table(per_class, ["class", "n", "AUROC amortized G", "AUROC optimised G"],
+        print_table(per_class, ["class", "n", "AUROC amortized G", "AUROC optimised G", "amortized AS", "optimised AS"],
                     "Per class (each vs all normal objects of the sample; small n: indicative)")
         step = max(1, args.steps // 10)
         print("\nmean masked MSE of the first batch along the optimisation: "

@@ -144,7 +144,7 @@ def fit_representation(
         augment: Train on random rotations and flips of each batch.
         weight_decay: AdamW's decoupled weight decay.
         optimizer: `"adam"` (AdamW) or `"langevin"`: constrained, preconditioned Langevin dynamics
-            at temperature 1e-6 with weights on circles of radius 0.5
+            at temperature 1e-7 with weights on circles of radius 0.5
             (:class:`~gsafe_models.langevin.ConstrainedLangevin`; `lr` as Adam's, no weight decay).
         progress: Called after every batch with `{"event": "batch", "batch", "loss", ...loss parts}`
             and after every epoch with `{"event": "epoch", ...}` and the epoch's record.
@@ -171,7 +171,7 @@ def fit_representation(
     if optimizer == "langevin":
         from .langevin import ConstrainedLangevin
 
-        optimiser = ConstrainedLangevin(model.parameters(), lr=lr, temperature=1e-6, radius=0.5)
+        optimiser = ConstrainedLangevin(model.parameters(), lr=lr, temperature=1e-7, radius=0.5)
     elif optimizer == "adam":
         optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     else:
