@@ -12,7 +12,8 @@ from flows.explain import explain_flow
 from flows.ingest import ingest_flow
 from flows.score import run_campaign
 from flows.train import train_flow
-from gsafe_models.metrics import per_class_report
+from gsafe_models.metrics import per_class_report, realised_fdr
+from infra.safe_output import write_table
 from infra.settings import Settings
 from infra.store import SurveyStore
 from infra.truth import truth_path_for
@@ -25,6 +26,9 @@ __all__ = ["demo_flow"]
 @flow(name="demo", log_prints=False)
 def demo_flow(out: str, settings: dict, n: int = 4000, anomaly_frac: float = 0.05, seed: int = 0,
               config: dict | None = None, top_k: int = 24, model: str = "demo") -> dict:
+    """The whole hunt on a simulated survey with injected anomalies: simulate `n` cutouts as FITS files
+    (truth beside them), ingest, train and register a Detector, score every object, measure AUROC per
+    injected class and the false-discovery list at q <= 0.1, and write the gallery of the top `top_k`."""
     s = Settings(**settings)
     outdir = Path(out)
     fits_dir, store_url = outdir / "cutouts", str(outdir / "survey.zarr")
@@ -37,12 +41,12 @@ def demo_flow(out: str, settings: dict, n: int = 4000, anomaly_frac: float = 0.0
     store = SurveyStore.open(store_url)
     table = store.score_table(model, version)
     df = read_scores(store, table)
-    df.to_csv(outdir / "scores.csv", index=False)
+    write_table(df, outdir / "scores.csv")
     cat = store.read_catalog(["label", "anomaly_class"])
     cols = table.read(["score", "q_value"])
     rep = per_class_report(cols["score"], cat["label"], cat["anomaly_class"])
-    listed = cols["q_value"] <= 0.1
-    fdr = {"listed": int(listed.sum()), "false": int((listed & (np.asarray(cat["label"]) == 0)).sum())}
+    fdp, listed = realised_fdr(cols["q_value"], np.asarray(cat["label"]), 0.1)
+    fdr = {"listed": listed, "false": int(round(fdp * listed))}
     report = explain_flow(store_url, model, version, top_k, str(outdir / "report"), settings)
     return {"ingest": ingest, "model": f"{model}/{version}", "metrics": trained["metrics"], "per_class": rep, "fdr": fdr,
             "top": df.head(10), "scores_csv": str(outdir / "scores.csv"), "report": report}
