@@ -80,3 +80,17 @@ def test_bad_latents_are_refused_with_a_clear_message():
         LatentEBM(2).energy(torch.zeros(3, 5))
     with pytest.raises(ValueError, match="finite"):
         LatentEBM(2).fit(torch.tensor([[0.0, float("nan")], [1.0, 1.0]]), steps=1)
+
+
+def test_latents_on_a_thin_subspace_get_a_gaussian_energy_off_it():
+    # 3-D latents that live on a line (plus 1e-6 jitter): one principal direction; leaving it costs
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(800, 1, generator=g)
+    z = torch.cat([t, 2 * t, -t], 1) + 1e-6 * torch.randn(800, 3, generator=g)
+    ebm = LatentEBM(3, hidden=(16,)).fit(z, steps=200, seed=0)
+    assert int(ebm.keep.sum()) == 1
+    on, off = torch.tensor([[0.5, 1.0, -0.5]]), torch.tensor([[0.5, 1.0, 0.5]])
+    with torch.no_grad():
+        assert float(ebm.energy(off)) > float(ebm.energy(on)) + 100
+    s = ebm.sample(200, steps=200, seed=1)
+    torch.testing.assert_close(s[:, 1], 2 * s[:, 0], atol=1e-3, rtol=0)  # samples stay on the line
