@@ -242,15 +242,18 @@ class ChiScanner(nn.Module):
 
     def _maps(self, residual: Tensor, x_hat: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         chi = self.noise.chi(residual, x_hat, mask)
-        both = multiscale_chi(chi, mask, self.scales)
         B = self.bands
         m = mask
-        n = m.sum(1, keepdim=True).clamp_min(1.0)
-        mean = (chi * m).sum(1, keepdim=True) / n
-        # a band's departure from the band mean: unit variance under white noise when scaled so
+        n = m.sum(1, keepdim=True)
+        coadd = (chi * m).sum(1, keepdim=True) / n.clamp_min(1.0).sqrt()
+        # a band's departure from the band mean, scaled to unit variance under white noise
+        mean = (chi * m).sum(1, keepdim=True) / n.clamp_min(1.0)
         chromatic = m * (chi - mean) / math.sqrt(max(1.0 - 1.0 / B, 1e-6)) if B > 1 else chi * 0
-        chrom = [smooth_normalised(chromatic, m, s) for s in self.scales]
-        return both, chrom
+        # one smoothing per scale for every channel: bands, coadd, chromatic bands
+        stack = torch.cat([chi, coadd, chromatic], 1)
+        stack_mask = torch.cat([m, (n > 0).to(chi), m], 1)
+        maps = [smooth_normalised(stack, stack_mask, s) for s in self.scales]
+        return [x[:, : B + 1] for x in maps], [x[:, B + 1 :] for x in maps]
 
     @torch.no_grad()
     def fit(self, residual: Tensor, x_hat: Tensor, mask: Tensor) -> "ChiScanner":

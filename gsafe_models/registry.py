@@ -51,6 +51,7 @@ from .density import GaussianMixture
 from .flow import LatentFlow
 from .nets import PCABasis
 from .noise import ChiScanner
+from .patches import PatchDensity
 from .statistics import (
     Mahalanobis,
     RaoScore,
@@ -520,6 +521,44 @@ def _chi_statistics(suffix: str, feature: str, null: str, residual: str) -> None
 
 _chi_statistics("", "chi", "chi_null", "autoencoder residual")
 _chi_statistics("_pca", "chi_pca", "chi_null_pca", "PCA residual")
+
+
+# ---------------------------------------------------------------------------------------------
+# A density of small patches, anywhere in the cutout (gsafe_models.patches)
+
+
+def _build_patches(fitted_k: dict | None = None, **c) -> PatchDensity:
+    pd = PatchDensity(**{**c, "gmm_components": tuple(c["gmm_components"])})
+    pd.build_gmms(fitted_k or {})
+    return pd
+
+
+@_feature("patches", parts=("patch_density",))
+def _patches(p: Pass) -> Tensor:
+    return p.bundle.parts["patch_density"].features(p.x, p.mask)
+
+
+PARTS["patch_density"] = Part(
+    "patch_density", build=_build_patches, sample=True,
+    fit=lambda b, data, cfg: PatchDensity(data["x"].shape[1], patch=min(7, data["x"].shape[-1] // 4 | 1))
+    .fit(data["x"], data["mask"], seed=cfg.seed))
+PARTS["patch_null"] = Part("patch_null", build=lambda **c: Constants(**c), features=("patches",), fit=_robust_scale("patches"))
+
+
+def _patch_statistic(which: str, doc: str) -> None:
+    k = list(PatchDensity.SUMMARIES).index(which)
+
+    @statistic(f"patch_{which}", ("patches",), ("patch_density", "patch_null"), doc=doc)
+    def compute(f, parts):
+        x, c = f["patches"], parts["patch_null"]
+        u = (x.double() - c.loc.to(x.device)) / c.scale.to(x.device)
+        S = len(PatchDensity.SUMMARIES)
+        return u[:, [j * S + k for j in range(len(PatchDensity.SCALES))]].amax(1).to(x.dtype)
+
+
+_patch_statistic("peak", "the least likely small patch of the cutout under a density of normal patches from anywhere "
+                         "in normal cutouts (PaDiM / PatchCore made position-free), max over two scales")
+_patch_statistic("mass", "the mean of the 8 least likely patches: extended departures move many patches")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,102 @@
+"""The residual noise model and the multi-scale chi summaries: known answers on synthetic noise."""
+
+import math
+
+import pytest
+import torch
+
+from gsafe_models.noise import ChiScanner, ResidualNoise, multiscale_chi, smooth_normalised
+
+
+def _heteroscedastic(n=256, bands=2, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_hat = torch.rand(n, bands, size, size, generator=g) * 4
+    scale = 0.05 + 0.2 * x_hat * torch.tensor([1.0, 2.0]).view(1, -1, 1, 1)[:, :bands]
+    r = 0.3 + scale * torch.randn(n, bands, size, size, generator=g)  # a bias and a spread that grow with brightness
+    return r, x_hat, scale
+
+
+def test_chi_is_unit_normal_whatever_the_brightness():
+    r, x_hat, true_scale = _heteroscedastic()
+    noise = ResidualNoise(2, bins=16).fit(r, x_hat, torch.ones_like(r))
+    chi = noise.chi(r, x_hat, torch.ones_like(r))
+    for lo, hi in ((0.0, 1.0), (3.0, 4.0)):  # faint and bright pixels alike
+        sel = (x_hat >= lo) & (x_hat < hi)
+        assert abs(chi[sel].mean().item()) < 0.05
+        assert 0.9 < chi[sel].std().item() < 1.1
+    ratio = noise.scale(x_hat) / true_scale
+    assert 0.85 < ratio.median().item() < 1.15
+
+
+def test_masked_pixels_give_zero_chi_and_do_not_enter_the_fit():
+    r, x_hat, _ = _heteroscedastic()
+    mask = torch.ones_like(r)
+    mask[:, :, :4] = 0
+    r_bad = r.clone()
+    r_bad[:, :, :4] = 1e6  # garbage where the mask says missing
+    a = ResidualNoise(2).fit(r_bad, x_hat, mask)
+    b = ResidualNoise(2).fit(r, x_hat, mask)
+    torch.testing.assert_close(a.log_scale, b.log_scale)
+    assert (a.chi(r_bad, x_hat, mask)[:, :, :4] == 0).all()
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 4.0])
+def test_smoothing_keeps_white_noise_unit_variance_with_a_mask(sigma):
+    g = torch.Generator().manual_seed(1)
+    chi = torch.randn(400, 1, 32, 32, generator=g)
+    mask = (torch.rand(400, 1, 32, 32, generator=g) > 0.2).float()
+    s = smooth_normalised(chi * mask, mask, sigma)
+    assert 0.95 < s[mask.bool()].std().item() < 1.05
+
+
+def test_multiscale_chi_adds_the_band_coadd():
+    chi = torch.zeros(1, 3, 16, 16)
+    chi[0, :, 8, 8] = 2.0  # the same departure in every band: the coadd sees it sqrt(3) times stronger
+    maps = multiscale_chi(chi, torch.ones_like(chi), [0.0])
+    assert maps[0].shape == (1, 4, 16, 16)
+    assert math.isclose(maps[0][0, 3, 8, 8].item(), 2.0 * math.sqrt(3), rel_tol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def scanner():
+    g = torch.Generator().manual_seed(2)
+    x_hat = torch.rand(300, 3, 24, 24, generator=g)
+    r = 0.1 * torch.randn(300, 3, 24, 24, generator=g)
+    return ChiScanner(3, 24, 24, scales=(0.0, 2.0)).fit(r, x_hat, torch.ones_like(r)), x_hat
+
+
+def _summaries(scan, x_hat, residual):
+    f = scan.features(residual, x_hat, torch.ones_like(residual))
+    return dict(zip(scan.names(), f[0].tolist()))
+
+
+def test_a_compact_blob_in_one_band_raises_peak_core_and_chromatic(scanner):
+    scan, x_hat = scanner
+    g = torch.Generator().manual_seed(3)
+    base = 0.1 * torch.randn(1, 3, 24, 24, generator=g)
+    blob = base.clone()
+    blob[0, 1, 11:13, 11:13] += 1.0  # 10 sigma, one band, at the centre
+    a, b = _summaries(scan, x_hat[:1], base), _summaries(scan, x_hat[:1], blob)
+    for k in ("max@0", "core@0", "chromatic@0"):
+        assert b[k] > a[k] + 5, k
+
+
+def test_an_achromatic_departure_cancels_in_the_chromatic_summary(scanner):
+    scan, x_hat = scanner
+    g = torch.Generator().manual_seed(4)
+    base = 0.1 * torch.randn(1, 3, 24, 24, generator=g)
+    grey = base.clone()
+    grey[0, :, 4:8, 4:8] += 1.0  # a neighbour-like residual, alike in every band
+    a, b = _summaries(scan, x_hat[:1], base), _summaries(scan, x_hat[:1], grey)
+    assert b["max@0"] > a["max@0"] + 5
+    assert b["chromatic@0"] < a["chromatic@0"] + 1.5
+
+
+def test_an_extended_faint_departure_shows_at_the_large_scale(scanner):
+    scan, x_hat = scanner
+    g = torch.Generator().manual_seed(5)
+    base = 0.1 * torch.randn(1, 3, 24, 24, generator=g)
+    halo = base.clone()
+    halo[0, :, 4:20, 4:20] += 0.05  # half a sigma per pixel over 256 pixels
+    a, b = _summaries(scan, x_hat[:1], base), _summaries(scan, x_hat[:1], halo)
+    assert b["max@2"] - a["max@2"] > 2 * (b["max@0"] - a["max@0"])
