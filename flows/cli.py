@@ -75,14 +75,22 @@ def _combination(value: str) -> str:
     return value
 
 
-def _representation(value: str) -> str:
+def _config_choice(field: str, value: str) -> str:
     from gsafe_models.detector import DetectorConfig
 
     try:
-        DetectorConfig(representation=value)
+        DetectorConfig(**{field: value})
     except ValueError as e:
-        raise typer.BadParameter(str(e).replace("DetectorConfig: representation=", "")) from None
+        raise typer.BadParameter(str(e).replace(f"DetectorConfig: {field}=", "")) from None
     return value
+
+
+def _representation(value: str) -> str:
+    return _config_choice("representation", value)
+
+
+def _optimizer(value: str) -> str:
+    return _config_choice("optimizer", value)
 
 
 def _statistics(value: str) -> tuple[str, ...]:
@@ -279,7 +287,8 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
           model: str = typer.Option(..., "--model", parser=_model_name, help="registered model name (letters, digits, . _ -); a new version gets alias 'challenger'"),
           seed: int = typer.Option(0, "--seed", min=0, help="seeds weights, data order, densities and calibration folds: same seed, same model"),
           epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="maximum epochs (early stopping on a validation split)"),
-          representation: Optional[str] = typer.Option(None, "--representation", parser=_representation, help="the representation network: ae (autoencoder, default) or vae"),
+          representation: Optional[str] = typer.Option(None, "--representation", parser=_representation, help="the representation network: ae (autoencoder, default), vae, or gan (WGAN-GP with an encoder; C and AS then use the critic's features)"),
+          optimizer: Optional[str] = typer.Option(None, "--optimizer", parser=_optimizer, help="how the representation is trained: adam (default) or langevin (constrained Langevin dynamics; see bench/robustness.py)"),
           latent_dim: Optional[int] = typer.Option(None, "--latent-dim", min=1, help="size of the latent space (default 32)"),
           beta: Optional[float] = typer.Option(None, "--beta", min=0.0, help="VAE β: weight of the KL term (default 1)"),
           statistics: Optional[str] = typer.Option(None, "--statistics", parser=_statistics, help="comma-separated score statistics, among the Detector's (an unknown one lists them; default: the benchmark's best set)"),
@@ -293,7 +302,7 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
     from flows.train import train_flow
     from infra.store import SurveyStore
 
-    cfg = {"seed": seed, "epochs": epochs, "representation": representation, "latent_dim": latent_dim,
+    cfg = {"seed": seed, "epochs": epochs, "representation": representation, "optimizer": optimizer, "latent_dim": latent_dim,
            "beta": beta, "combination": combination, "calibration_trim": calibration_trim, "statistics": statistics}
     cfg = {k: v for k, v in cfg.items() if v is not None}
     _guarded(SurveyStore.open, store)              # a missing store fails here, not after the server started
@@ -340,7 +349,7 @@ def explain(store: str = STORE,
             model: str = MODEL_REF,
             top_k: int = typer.Option(50, "--top-k", min=1, help="explain the k most anomalous objects"),
             out: Path = typer.Option(Path("report"), "--out", help="output directory of the gallery"),
-            method: str = typer.Option("integrated_gradients", "--method", parser=_method, help="attribution: integrated_gradients, occlusion, lex or residual (an unknown one lists them)"),
+            method: str = typer.Option("integrated_gradients", "--method", parser=_method, help="attribution: integrated_gradients, occlusion, lex, residual or duplex (counterfactual from the generative model; an unknown one lists them)"),
             home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,
             as_json: bool = JSON):
     """Write the anomaly gallery of the top-k objects: colour composite, reconstruction, residual,

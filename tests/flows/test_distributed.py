@@ -64,12 +64,24 @@ def _gsafe(args: list[str], settings, s3: dict, timeout: int = 400) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def _worker_log_lines(api: str, pids: set[int]) -> list[str]:
+def _worker_log_lines(api: str, pids: set[int], since: float, want: int, wait: float = 90.0) -> list[str]:
+    """The workers' "cutouts scored on" lines logged since `since`. Prefect ships a process's logs
+    to the API from a background thread in batches, so the lines of the last chunks can arrive after
+    the flow returned: poll until `want` arrived or `wait` seconds passed."""
+    from datetime import datetime, timezone
+
     import httpx
 
-    logs = httpx.post(f"{api}/logs/filter", json={"limit": 200, "sort": "TIMESTAMP_DESC"}, timeout=30).json()
-    return [x["message"] for x in logs if "cutouts scored on" in x["message"]
-            and int(x["message"].rsplit("pid ", 1)[1].split()[0]) in pids]
+    after = datetime.fromtimestamp(since, timezone.utc).isoformat()
+    deadline = time.time() + wait
+    while True:
+        logs = httpx.post(f"{api}/logs/filter", json={"limit": 200, "sort": "TIMESTAMP_DESC",
+                                                      "logs": {"timestamp": {"after_": after}}}, timeout=30).json()
+        lines = [x["message"] for x in logs if "cutouts scored on" in x["message"]
+                 and int(x["message"].rsplit("pid ", 1)[1].split()[0]) in pids]
+        if len(lines) >= want or time.time() > deadline:
+            return lines
+        time.sleep(1.0)
 
 
 def test_score_through_an_existing_scheduler_with_worker_logs_in_prefect(cluster, trained, train_store, settings, s3,
@@ -77,13 +89,14 @@ def test_score_through_an_existing_scheduler_with_worker_logs_in_prefect(cluster
     address, pids = cluster
     url = str(tmp_path / "s.zarr")
     shutil.copytree(train_store, url)
+    since = time.time() - 1.0
     r = _gsafe(["score", "--store", url, "--model", f"tiny/{trained['version']}", "--dask-address", address],
                settings, s3)
     store = SurveyStore.open(url)
     t = store.score_table("tiny", trained["version"])
     assert r["ok"] and r["n"] == store.n and not t.pending_chunks()
     assert np.isfinite(t.read(["score", "p_value", "q_value"])["q_value"]).all()
-    lines = _worker_log_lines(os.environ["PREFECT_API_URL"], pids)
+    lines = _worker_log_lines(os.environ["PREFECT_API_URL"], pids, since, len(store.chunk_bounds()))
     assert len(lines) >= len(store.chunk_bounds()), "the workers' task logs did not reach the Prefect API"
 
 
