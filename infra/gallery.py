@@ -6,9 +6,11 @@
     cards/<object_id>.png one figure per candidate
     latent_map.png        2-D map of the latents, candidates marked
     score_hist.png        survey scores against the calibration (normal) distribution
-    candidates.csv        the table: object_id, ra, dec, score, p_value, q_value, one column per statistic
-    candidates.parquet    the same table
-    attributions.npz      the attribution maps, keyed by object id
+    candidates.csv        the table: object_id, ra, dec, score, p_value, q_value, one column per statistic,
+                          attribution_key (spreadsheet-safe: a cell never runs as a formula)
+    candidates.parquet    the same table, exact
+    attributions.npz      the attribution maps, keyed by object id (by `attribution_key` where the id
+                          is unsafe as an archive member name)
 
 Object ids come from users' FITS headers: the page is rendered from Jinja2 templates (`infra/templates/`)
 with autoescape, so every one is HTML-escaped, and each is sanitized
@@ -39,6 +41,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from astropy.visualization import make_lupton_rgb
+
+from infra.safe_output import safe_npz_key, write_table
 
 __all__ = ["Card", "write_gallery", "composite", "safe_filename", "panels", "png", "data_uri", "card_view",
            "panel_captions", "template_environment"]
@@ -468,12 +472,13 @@ def write_gallery(
         overview.append(("score histograms", data_uri(figure)))
 
     table = _table(cards)
-    written["csv"] = out / "candidates.csv"
-    table.to_csv(written["csv"], index=False)
-    written["parquet"] = out / "candidates.parquet"
-    table.to_parquet(written["parquet"], index=False)
+    taken: set[str] = set()
+    keys = [safe_npz_key(c.object_id, taken) for c in cards]      # the id itself unless it is unsafe as a file name
+    files = table.assign(attribution_key=keys)
+    written["csv"] = write_table(files, out / "candidates.csv")
+    written["parquet"] = write_table(files, out / "candidates.parquet")
     written["attributions"] = out / "attributions.npz"
-    _write_npz(written["attributions"], {str(c.object_id): np.asarray(c.attribution, dtype=np.float32) for c in cards})
+    _write_npz(written["attributions"], {k: np.asarray(c.attribution, dtype=np.float32) for k, c in zip(keys, cards)})
 
     page = template_environment().get_template("gallery.html.j2").render(
         title=title, cards=views, table=_table_view(table), overview=overview, notices=list(notices or []),

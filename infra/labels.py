@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from infra.errors import StoreError
+from infra.safe_output import write_table
 from infra.store import SurveyStore
 
 __all__ = ["TABLE", "LABELS", "COLUMNS", "make_rows", "append_labels", "read_labels", "latest_labels",
@@ -139,25 +140,6 @@ def export_labels(store: SurveyStore, path: str | Path, *, latest: bool = False)
     """
     path = Path(path)
     df = latest_labels(store) if latest else read_labels(store)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".parquet":
-        df.to_parquet(path, index=False)
-    elif path.suffix == ".csv":
-        _spreadsheet_safe_frame(df).to_csv(path, index=False)
-    else:
+    if path.suffix not in (".csv", ".parquet"):
         raise ValueError(f"labels: export to {path}: use a .csv or .parquet file name")
-    return path
-
-
-def _spreadsheet_safe_frame(df: pd.DataFrame) -> pd.DataFrame:
-    try:
-        from infra.safe_output import spreadsheet_safe
-    except ImportError:   # the shared helper is not there yet: the same rule (OWASP CSV injection)
-        def spreadsheet_safe(value):
-            text = str(value)
-            return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
-    out = df.copy()
-    for c in out.columns:
-        if out[c].dtype == object or pd.api.types.is_string_dtype(out[c]):
-            out[c] = [spreadsheet_safe(v) for v in out[c]]
-    return out
+    return write_table(df, path)

@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from gsafe_models import relevance as rel
 from infra import labels as lab
+from infra.safe_output import write_table
 from infra.store import SurveyStore
 
 __all__ = ["POOL", "Pool", "candidate_pool", "pool_features", "label_state", "RelevanceState",
@@ -268,7 +269,7 @@ def remember_labels(store_url: str, settings, name: str, version: int, new: pd.D
     apart = examined[examined["object_id"].isin(artefact)].assign(
         artefact_group=[memory["artefact_group"][memory["known_artefact"].index(o)]
                         for o in examined["object_id"] if o in artefact])
-    apart.to_csv(outdir / "known_artefacts.csv", index=False)
+    write_table(apart, outdir / "known_artefacts.csv")
     cand = cand[~cand["object_id"].isin(artefact)].assign(
         like_interesting=lambda d: d["object_id"].isin(set(memory["like_interesting"])),
         relevance=lambda d: d["object_id"].map(memory["relevance"]))

@@ -102,12 +102,16 @@ def test_page_is_self_contained(gallery):
     assert page.count('<article class="card"') == len(cards)
 
 
-def test_attributions_npz_is_keyed_by_object_id(gallery):
+def test_attributions_npz_is_keyed_by_object_id_or_its_safe_key(gallery):
     out, _, cards = gallery
+    table = pd.read_parquet(out / "candidates.parquet")
+    key = dict(zip(table["object_id"], table["attribution_key"]))
     with np.load(out / "attributions.npz") as maps:
-        assert sorted(maps.files) == sorted(c.object_id for c in cards)
+        assert sorted(maps.files) == sorted(key.values())
         for card in cards:
-            np.testing.assert_allclose(maps[card.object_id], np.asarray(card.attribution, np.float32))
+            safe = all(ch.isalnum() or ch in "._-" for ch in card.object_id)
+            assert (key[card.object_id] == card.object_id) == safe      # a hostile id never names a member
+            np.testing.assert_allclose(maps[key[card.object_id]], np.asarray(card.attribution, np.float32))
 
 
 def test_candidate_table_in_csv_and_parquet(gallery):
