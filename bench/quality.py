@@ -60,6 +60,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cache", default=None, help="keep simulated stores and fitted detectors in this directory "
                                                  "between runs (the protocol itself is always re-run)")
     p.add_argument("--quick", action="store_true", help="a smaller run: 1 000 + 1 000 cutouts, 5 epochs")
+    p.add_argument("--prepare", action="store_true", help="with --cache: simulate, fit and compute the statistics of "
+                                                          "each seed, then stop (run seeds in parallel processes, then "
+                                                          "once more without --prepare for the protocol)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds whose protocol runs in parallel processes")
     a = p.parse_args()
     if a.quick:
         a.train, a.test, a.epochs = min(a.train, 1000), min(a.test, 1000), a.epochs or 5
@@ -86,7 +90,19 @@ def fit_detector(train_url: str, settings, args, seed: int, where):
 
     path = where / f"detector{seed}_{args.train}_{args.epochs}.bin"
     if path.exists():
-        return Detector.from_bytes(path.read_bytes()), None
+        det = Detector.from_bytes(path.read_bytes())
+        if set(STATISTICS) <= set(det.statistic_names):
+            return det, None
+        # statistics registered since the cached fit: fitted around the same trained representation
+        from infra.batches import StoreBatches
+        from tasks.train import store_splits
+
+        split, b = store_splits(train_url), det._bundle
+        config = dataclasses.replace(det.config, statistics=STATISTICS)
+        det = Detector.assemble(b.normaliser, b.net, StoreBatches(train_url, split["train"], config.batch_size),
+                                StoreBatches(train_url, split["calib"], config.batch_size), config=config, bands=det.bands)
+        path.write_bytes(det.to_bytes())
+        return det, None
     overrides = {"seed": seed, "statistics": STATISTICS} | ({"epochs": args.epochs} if args.epochs else {})
     with Timer() as t:
         payload = fit_detector_task.fn(train_url, dataclasses.asdict(DetectorConfig(**overrides)), settings.model_dump(mode="json"))
@@ -174,19 +190,24 @@ class Evaluator:
 
     def greedy(self, objective, rules) -> tuple[tuple[str, ...], str, float]:
         """Greedy forward selection of a set per rule on `objective(result)`, then the best rule."""
-        best = (None, None, -np.inf)
-        for rule in rules:
-            chosen, value = [], -np.inf
-            while len(chosen) < MAX_SET:
-                trials = [(objective(self.run(tuple(chosen + [n]), rule)), n) for n in self.names if n not in chosen]
-                v, n = max(trials)
-                if v <= value + 1e-3:
-                    break
-                chosen.append(n)
-                value = v
-            if value > best[2]:
-                best = (tuple(chosen), rule, value)
-        return best
+        return greedy(lambda stats, rule: objective(self.run(stats, rule)), self.names, rules)
+
+
+def greedy(value_of, names, rules) -> tuple[tuple[str, ...], str, float]:
+    """Greedy forward selection of at most MAX_SET statistics per rule on `value_of(stats, rule)`
+    (stop when no addition gains 1e-3), then the rule whose set has the best value."""
+    best = (None, None, -np.inf)
+    for rule in rules:
+        chosen, value = [], -np.inf
+        while len(chosen) < MAX_SET:
+            v, n = max((value_of(tuple(chosen + [n]), rule), n) for n in names if n not in chosen)
+            if v <= value + 1e-3:
+                break
+            chosen.append(n)
+            value = v
+        if value > best[2]:
+            best = (tuple(chosen), rule, value)
+    return best
 
 
 def synth_objective(r) -> float:
@@ -258,17 +279,26 @@ def run_seed(seed: int, args, home, where) -> dict:
     split = store_splits(train_url)
     tcat = test.read_catalog(["label", "anomaly_class"])
     labels, classes = np.asarray(tcat["label"]).astype(int), np.asarray(tcat["anomaly_class"]).astype(str)
-    val_label = np.asarray(train.read_catalog(["label"])["label"])[split["val"]]
-    ref_images = train.read_rows(split["val"][val_label == 0])
-    noise = band_noise(ref_images)
-    with Timer() as t:
-        S = {"train": statistics_matrix(det, train.read_rows(split["train"]), names),
-             "calib": statistics_matrix(det, train.read_rows(split["calib"]), names),
-             "test": statistics_matrix(det, test.read_images(), names),
-             "ref": statistics_matrix(det, ref_images, names)}
-        for j, k in enumerate(KINDS):
-            S[f"synth:{k}"] = statistics_matrix(det, perturb(ref_images, k, seed=1000 * seed + j, noise=noise), names)
-    out["seconds"]["statistics"] = t.seconds
+    cached = where / f"statistics{seed}_{args.train}_{args.epochs}.npz"
+    if cached.exists() and list(np.load(cached)["names"]) == names:
+        with np.load(cached) as z:
+            S = {k[2:]: z[k] for k in z.files if k.startswith("S:")}
+        out["seconds"]["statistics"] = None
+    else:
+        val_label = np.asarray(train.read_catalog(["label"])["label"])[split["val"]]
+        ref_images = train.read_rows(split["val"][val_label == 0])
+        noise = band_noise(ref_images)
+        with Timer() as t:
+            S = {"train": statistics_matrix(det, train.read_rows(split["train"]), names),
+                 "calib": statistics_matrix(det, train.read_rows(split["calib"]), names),
+                 "test": statistics_matrix(det, test.read_images(), names),
+                 "ref": statistics_matrix(det, ref_images, names)}
+            for j, k in enumerate(KINDS):
+                S[f"synth:{k}"] = statistics_matrix(det, perturb(ref_images, k, seed=1000 * seed + j, noise=noise), names)
+        out["seconds"]["statistics"] = t.seconds
+        np.savez(cached, names=np.array(names), **{f"S:{k}": v for k, v in S.items()})
+    if args.prepare:
+        return out
 
     ev = Evaluator(names, S, labels, classes, det.config.calibration_trim, seed)
     with Timer() as t, _MemoTail():
@@ -344,6 +374,15 @@ def report_seed(seed: int, r: dict) -> None:
     print(f"seed {seed}: timings " + ", ".join(f"{k} {fmt(v, '.0f')} s" for k, v in r["seconds"].items() if v is not None))
 
 
+def pooled_selection(results: dict, rules) -> tuple[tuple[str, ...], str, float]:
+    """Greedy forward selection, as :meth:`Evaluator.greedy`, on the synthetic objective averaged over
+    every seed: one class-free choice for the defaults instead of one per seed."""
+    evs = [r["ev"] for r in results.values()]
+    with _MemoTail():
+        return greedy(lambda stats, rule: float(np.mean([synth_objective(ev.run(stats, rule)) for ev in evs])),
+                      evs[0].names, rules)
+
+
 def main() -> None:
     args = parse_args()
     threads = set_threads(args.threads)
@@ -353,10 +392,42 @@ def main() -> None:
     with bench_home("quality") as home:
         where = Path(args.cache) if args.cache else home
         where.mkdir(parents=True, exist_ok=True)
-        results = {}
-        for seed in args.seeds:
-            results[seed] = run_seed(seed, args, home, where)
-            report_seed(seed, results[seed])
+        if args.prepare:
+            for seed in args.seeds:
+                print(f"seed {seed}: prepared {run_seed(seed, args, home, where)['seconds']}")
+            return
+        if args.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawned (not forked: torch's thread pools do not survive a fork), each with its share of threads
+            with ProcessPoolExecutor(min(args.jobs, len(args.seeds)), mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=set_threads, initargs=(max(1, threads // args.jobs),)) as pool:
+                futures = {seed: pool.submit(run_seed, seed, args, home, where) for seed in args.seeds}
+                results = {seed: f.result() for seed, f in futures.items()}
+        else:
+            results = {seed: run_seed(seed, args, home, where) for seed in args.seeds}
+        for seed, r in results.items():
+            report_seed(seed, r)
+        pooled = pooled_selection(results, args.rules) if len(results) > 1 else None
+
+    if pooled is not None:
+        from gsafe_models.detector import DetectorConfig
+
+        stats, rule, obj = pooled
+        d = DetectorConfig()
+        match = tuple(sorted(d.statistics)) == tuple(sorted(stats)) and d.combination == rule
+        print(f"\nclass-free selection on every seed's synthetic perturbations at once (mean AUROC {obj:.3f}): "
+              f"{rule}: {short(stats)} — {'= the defaults' if match else 'NOT the defaults'}")
+        rows = []
+        for seed, r in results.items():
+            x = r["ev"].run(stats, rule)
+            cl = [x["class"][c] for c in r["ev"].present]
+            best = max(r["singles"][n]["all"] for n in stats)
+            rows.append([seed, x["all"], min(cl), float(np.mean(cl)), x["listed"], x["fdr"], best,
+                         "yes" if x["all"] >= best else "NO"])
+        print_table(rows, ["seed", "all", "min class", "mean class", "listed", "FDR", "best single", "≥ best"],
+                    "the pooled class-free winner on each seed's test survey")
 
     print("\nsummary over seeds (class-free winner = the defaults; leave-one-class-out = selection on the other classes)")
     rows = []

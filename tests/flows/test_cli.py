@@ -251,3 +251,31 @@ def test_every_flow_has_a_description():
         found |= {f.name: f for f in vars(mod).values() if isinstance(f, Flow)}
     assert {"ingest", "train", "score", "explain", "promote", "hunt"} <= set(found)
     assert [name for name, f in found.items() if not (f.description or "").strip()] == []
+
+
+@pytest.mark.slow
+def test_the_references_methods_run_from_the_cli(train_store, settings, tmp_path):
+    """A WGAN-GP with an encoder, a latent EBM statistic, constrained-Langevin training and DupLEX
+    explanations, each as a user asks for them (one epoch each: this checks the wiring, the methods'
+    maths is tested in tests/models)."""
+    url = str(tmp_path / "s.zarr")
+    shutil.copytree(train_store, url)
+    home = ["--home", str(settings.home), "--json"]
+
+    def run(*args):
+        r = CliRunner().invoke(app, [*args, *home])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    gan = run("train", "--store", url, "--model", "gan", "--representation", "gan", "--epochs", "1",
+              "--latent-dim", "8", "--statistics", "AS,energy_ebm,chi_peak")
+    lang = run("train", "--store", url, "--model", "lang", "--optimizer", "langevin", "--epochs", "1",
+               "--latent-dim", "8", "--statistics", "G,chi_core")
+    assert gan["version"] >= 1 and lang["version"] >= 1
+    run("score", "--store", url, "--model", f"gan/{gan['version']}", "--workers", "1")
+    out = tmp_path / "report"
+    run("explain", "--store", url, "--model", f"gan/{gan['version']}", "--top-k", "2", "--method", "duplex",
+        "--out", str(out))
+    with np.load(out / "attributions.npz") as maps:
+        assert len(maps.files) == 2 and all(np.isfinite(maps[k]).all() and maps[k].any() for k in maps.files)
+    assert "counterfactual" in (out / "index.html").read_text().lower()
