@@ -291,7 +291,7 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
           optimizer: Optional[str] = typer.Option(None, "--optimizer", parser=_optimizer, help="how the representation is trained: adam (default) or langevin (constrained Langevin dynamics; see bench/robustness.py)"),
           latent_dim: Optional[int] = typer.Option(None, "--latent-dim", min=1, help="size of the latent space (default 32)"),
           beta: Optional[float] = typer.Option(None, "--beta", min=0.0, help="VAE β: weight of the KL term (default 1)"),
-          statistics: Optional[str] = typer.Option(None, "--statistics", parser=_statistics, help="comma-separated score statistics, among the Detector's (an unknown one lists them; default: the benchmark's best set)"),
+          statistics: Optional[str] = typer.Option(None, "--statistics", parser=_statistics, help="comma-separated score statistics, among the Detector's (an unknown one lists them; default: chi_chromatic_pca, patch_peak, morphometry, chi_core_pca, chosen on synthetic perturbations of normal objects, see BENCHMARKS.md)"),
           combination: Optional[str] = typer.Option(None, "--combination", parser=_combination, help="rule combining the statistics' p-values: simes (default), bonferroni, fisher, stouffer, cauchy, dose... (an unknown one lists them)"),
           calibration_trim: Optional[float] = typer.Option(None, "--calibration-trim", min=0.0, max=0.5, help="largest share of calibration values that may be dropped as outliers (the anomalies a 'normal' set holds; default 0.05, 0 keeps all)"),
           home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,

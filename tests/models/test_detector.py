@@ -87,10 +87,10 @@ def test_round_trip_through_bytes_scores_identically(detector, survey):
 
 @pytest.fixture(scope="module")
 def small_detector(detector, survey):
-    """Statistics suited to 16-pixel cutouts, re-assembled around the same trained representation
-    (the default set is tuned on 64-pixel cutouts, where galaxies fit in the core aperture)."""
-    statistics = ("peak", "nll_gmm", "rao_gmm", "sharpness", "asymmetry")
-    config = dataclasses.replace(detector.config, statistics=statistics, combination="fisher")
+    """The default statistics and rule (chosen on synthetic perturbations by `bench/quality.py`),
+    re-assembled around the same trained representation."""
+    defaults = DetectorConfig()
+    config = dataclasses.replace(detector.config, statistics=defaults.statistics, combination=defaults.combination)
     b = detector._bundle
     return Detector.assemble(b.normaliser, b.net, _batches(survey["train"]), _batches(survey["calib"]), config=config, bands=BANDS)
 
@@ -104,7 +104,7 @@ def test_injected_anomalies_score_clearly_above_normal_objects(small_detector, s
 def test_assemble_reuses_the_representation(detector, small_detector, survey):
     x = survey["test"].images[:6]
     np.testing.assert_array_equal(detector.encode(x), small_detector.encode(x))
-    assert small_detector.statistic_names == ["peak", "nll_gmm", "rao_gmm", "sharpness", "asymmetry"]
+    assert small_detector.statistic_names == list(DetectorConfig().statistics)
 
 
 def test_p_values_are_valid_on_fresh_normal_objects(detector, survey):
