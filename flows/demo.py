@@ -24,8 +24,8 @@ __all__ = ["demo_flow"]
 
 
 @flow(name="demo", log_prints=False)
-def demo_flow(out: str, settings: dict, n: int = 4000, anomaly_frac: float = 0.05, seed: int = 0,
-              config: dict | None = None, top_k: int = 24, model: str = "demo") -> dict:
+def demo_flow(out: str, settings: dict, n: int = 2000, anomaly_frac: float = 0.05, seed: int = 0,
+              config: dict | None = None, top_k: int = 12, model: str = "demo") -> dict:
     """The whole hunt on a simulated survey with injected anomalies: simulate `n` cutouts as FITS files
     (truth beside them), ingest, train and register a Detector, score every object, measure AUROC per
     injected class and the false-discovery list at q <= 0.1, and write the gallery of the top `top_k`."""

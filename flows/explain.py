@@ -26,8 +26,6 @@ def explain_flow(store_url: str, name: str, version: int, top_k: int, out: str, 
     With `diverse` (and no `rows`), the k are chosen as `gsafe review` orders them: one representative
     of each group of look-alike candidates first (each card says how many more are like it), known
     artefact groups left out, then the rest; without it, the k highest scores."""
-    import mlflow
-
     s = Settings(**settings)
     tracking.configure(s)
     store = SurveyStore.open(store_url)
@@ -38,8 +36,7 @@ def explain_flow(store_url: str, name: str, version: int, top_k: int, out: str, 
         rows, more = diverse_rows_task(store_url, name, version, top_k, payload)
     rows = list(rows) if rows is not None else [int(r) for r in top_rows(store, name, version, top_k)]
     r = explain_rows_task(store_url, name, version, rows, payload, out, method, notices=notices, more_like_this=more)
-    exp = tracking.experiment_for_store(store_url, s)
-    with mlflow.start_run(experiment_id=exp, run_name=f"explain-{name}-{version}",
-                          tags={"gsafe.model": name, "gsafe.version": str(version), "gsafe.method": method}):
-        mlflow.log_artifacts(out, artifact_path="report")
+    with tracking.run(store_url, s, f"explain-{name}-{version}",
+                      tags={"gsafe.model": name, "gsafe.version": version, "gsafe.method": method}):
+        tracking.log_artifacts(out, artifact_path="report")
     return {"cards": r["cards"], "index": str(Path(out) / "index.html"), "files": r["files"]}
