@@ -48,8 +48,6 @@ from _common import (Timer, augmented_chunks, bench_home, evict_from_page_cache,
 
 MODEL = "bench-throughput"
 # statistics.py functions that Detector's base() calls on residuals, each timed apart when present
-RESIDUAL_FUNCTIONS = ("reconstruction_residual", "feature_residual", "local_residual", "peak_of", "sharpness",
-                      "line_residual")
 OUTER = ("read (raw chunk bytes from disk)", "decompress (Blosc lz4)", "Detector.score",
          "write (score columns + done flag)")
 OTHER = "other Detector.score work (masks, copies, glue)"
@@ -122,50 +120,46 @@ def decode_chunk(raw: bytes, shape: tuple[int, ...], rows: int) -> np.ndarray:
 
 
 def instrument(det) -> dict[str, float]:
-    """Wrap the Detector's parts with timers; returns the dict of seconds per stage they fill.
+    """Wrap the Detector's stages with timers; returns the dict of seconds per stage they fill.
 
-    Only the outermost wrapped call of a nest counts, so a part that calls another is not counted twice.
+    The stages are the normaliser, the encoder and decoder, every registered feature (the
+    statistics' per-pixel work: chi maps, patch density, photometry...) and statistic, and the
+    calibration. Times are exclusive: a stage that runs inside another (the reconstruction a
+    feature asks for first) counts for itself, not for the outer one.
     """
+    import dataclasses
+
+    from gsafe_models import registry
+
     totals: dict[str, float] = defaultdict(float)
-    active = [False]
+    stack: list[list[float]] = []  # per active stage: [time spent in nested stages]
     b = det._bundle
 
-    def wrap(obj, attr: str, stage: str) -> None:
-        fn = getattr(obj, attr)
-
+    def timed_fn(fn, stage: str):
         def timed(*a, **k):
-            if active[0]:
-                return fn(*a, **k)
-            active[0] = True
+            stack.append([0.0])
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                totals[stage] += time.perf_counter() - t
-                active[0] = False
+                elapsed = time.perf_counter() - t
+                nested = stack.pop()[0]
+                totals[stage] += elapsed - nested
+                if stack:
+                    stack[-1][0] += elapsed
+        return timed
 
-        setattr(obj, attr, timed)
+    def wrap(obj, attr: str, stage: str) -> None:
+        setattr(obj, attr, timed_fn(getattr(obj, attr), stage))
 
     wrap(b.normaliser, "forward", "normalise (asinh stretch, mask)")
     wrap(b.net, "encode", "encode")
     wrap(b.net, "decode", "decode (reconstruction)")
-    wrap(b.net, "features", "encoder features of input and reconstruction (C)")
-    wrap(b.normaliser, "inverse", "photometry (colour, concentration, asymmetry)")
-    wrap(b, "photometry", "photometry (colour, concentration, asymmetry)")
-    for part in ("gmm", "flow"):
-        if getattr(b, part) is not None:
-            wrap(getattr(b, part), "log_prob", "density (GMM, flow)")
-    for part in ("rao_gmm", "rao_flow"):
-        if getattr(b, part) is not None:
-            wrap(getattr(b, part), "forward", "density (GMM, flow)")
-    for m in b.maha.values():
-        wrap(m, "forward", "photometric Mahalanobis distances")
+    for name, f in list(registry.FEATURES.items()):
+        registry.FEATURES[name] = dataclasses.replace(f, compute=timed_fn(f.compute, f"feature {name}"))
+    for name, st in list(registry.STATISTICS.items()):
+        registry.STATISTICS[name] = dataclasses.replace(st, compute=timed_fn(st.compute, "statistics from features"))
     wrap(det._test, "pvalues", "calibration + combination (p-values)")
-    import gsafe_models.detector as module  # the pixel statistics are module functions there
-
-    for fn in RESIDUAL_FUNCTIONS:
-        if callable(getattr(module, fn, None)):
-            wrap(module, fn, f"pixel statistic {fn}")
     return totals
 
 

@@ -86,20 +86,25 @@ class PatchDensity(nn.Module):
     def _fitted_k(self) -> dict:
         return {str(s): int(getattr(self, f"gmm_k{s}")) for s in self.SCALES}
 
-    def _patches(self, x: Tensor, mask: Tensor, scale: int) -> tuple[Tensor, Tensor]:
-        r"""(patches :math:`(N, L, D)`, valid :math:`(N, L)`) of normalised cutouts at `scale`."""
+    def _binned(self, x: Tensor, mask: Tensor, scale: int) -> tuple[Tensor, Tensor]:
+        r"""The cutouts and their mask at `scale` (:math:`scale \times scale` binning of the valid pixels)."""
 
         if scale > 1:
             w = F.avg_pool2d(mask, scale)
             x = F.avg_pool2d(x * mask, scale) / w.clamp_min(1e-6)
             mask = (w > 0.5).to(x)
             x = x * mask
-        P = self.patch
-        if min(x.shape[-2:]) < P:
+        if min(x.shape[-2:]) < self.patch:
             raise ValueError(f"PatchDensity: cutouts of {tuple(x.shape[-2:])} px at scale {scale} are smaller than "
-                             f"the {P}x{P} patch; use a smaller patch")
-        v = F.unfold(x, P, stride=self.stride).transpose(1, 2)  # (N, L, B P^2)
-        m = F.unfold(mask, P, stride=self.stride).transpose(1, 2).mean(2)
+                             f"the {self.patch}x{self.patch} patch; use a smaller patch")
+        return x, mask
+
+    def _patches(self, x: Tensor, mask: Tensor, scale: int) -> tuple[Tensor, Tensor]:
+        r"""(patches :math:`(N, L, D)`, valid :math:`(N, L)`) of normalised cutouts at `scale`."""
+
+        x, mask = self._binned(x, mask, scale)
+        v = F.unfold(x, self.patch, stride=self.stride).transpose(1, 2)  # (N, L, B P^2)
+        m = F.unfold(mask, self.patch, stride=self.stride).transpose(1, 2).mean(2)
         return v, m > 0.8
 
     @torch.no_grad()
@@ -139,16 +144,27 @@ class PatchDensity(nn.Module):
             self.gmms[str(s)] = GaussianMixture(int(k), self.components, reg=1e-4)
 
     def scores(self, x: Tensor, mask: Tensor, scale: int) -> Tensor:
-        r"""Returns the :math:`-\log p` of every patch, :math:`(N, L)` (invalid patches: :math:`-\infty`)."""
+        r"""Returns the :math:`-\log p` of every patch, :math:`(N, L)` (invalid patches: :math:`-\infty`).
 
-        v, ok = self._patches(x, mask, scale)
-        N, L, D = v.shape
-        mean, basis = getattr(self, f"mean{scale}").to(v), getattr(self, f"basis{scale}").to(v)
-        c = v - mean
-        coef = c @ basis.T
-        rest = (c - coef @ basis).square().sum(-1) / (2 * getattr(self, f"rest_var{scale}").to(v))
-        nll = -self.gmms[str(scale)].log_prob(coef.reshape(-1, coef.shape[-1])).to(v).view(N, L) + rest
-        return nll.masked_fill(~ok, -math.inf)
+        The projections on the mean and the principal axes, and the patches' squared norms, are
+        convolutions of the cutout (no patch is copied out; differentiable): with orthonormal axes
+        :math:`U`, :math:`\|c - U U^T c\|^2 = \|c\|^2 - \|U^T c\|^2` for :math:`c = v - \mu`, in
+        double precision (for an anomalous patch the difference is small against both terms)."""
+
+        x, mask = self._binned(x, mask, scale)
+        N, B = x.shape[:2]
+        P, st = self.patch, self.stride
+        mean, basis = getattr(self, f"mean{scale}"), getattr(self, f"basis{scale}")
+        xd = x.double()
+        proj = F.conv2d(xd, torch.cat([basis, mean[None]]).to(xd).view(-1, B, P, P), stride=st)
+        coef = proj[:, :-1] - (basis @ mean).to(xd).view(1, -1, 1, 1)        # U^T (v - mu)
+        sq = F.conv2d(xd.square(), xd.new_ones(1, B, P, P), stride=st)[:, 0]  # |v|^2
+        cc = sq - 2 * proj[:, -1] + mean.square().sum().to(xd)               # |v - mu|^2
+        rest = (cc - coef.square().sum(1)).clamp_min(0.0) / (2 * getattr(self, f"rest_var{scale}").to(xd))
+        valid = F.avg_pool2d(mask, P, stride=st).mean(1) > 0.8               # the mean of the patch's mask
+        coef = coef.permute(0, 2, 3, 1).reshape(-1, coef.shape[1]).to(x)     # the mixture's input precision
+        nll = -self.gmms[str(scale)].log_prob(coef).to(xd).view(N, -1) + rest.reshape(N, -1)
+        return nll.to(x).masked_fill(~valid.reshape(N, -1), -math.inf)
 
     def features(self, x: Tensor, mask: Tensor) -> Tensor:
         r"""Returns, per cutout, (peak, mass) at scale 1 then scale 2: :math:`(N, 4)`."""

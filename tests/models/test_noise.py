@@ -100,3 +100,17 @@ def test_an_extended_faint_departure_shows_at_the_large_scale(scanner):
     halo[0, :, 4:20, 4:20] += 0.05  # half a sigma per pixel over 256 pixels
     a, b = _summaries(scan, x_hat[:1], base), _summaries(scan, x_hat[:1], halo)
     assert b["max@2"] - a["max@2"] > 2 * (b["max@0"] - a["max@0"])
+
+
+@pytest.mark.parametrize("sigma", [0.7, 2.0, 4.0])
+def test_banded_smoothing_equals_the_depthwise_convolution(sigma):
+    import torch.nn.functional as F
+
+    from gsafe_models.noise import _separable, gaussian_kernel
+
+    x = torch.randn(3, 4, 20, 13, dtype=torch.float64)  # not square, kernel wider than a border
+    k = gaussian_kernel(sigma, torch.float64)
+    n, C = k.numel(), x.shape[1]
+    ref = F.conv2d(x, k.view(1, 1, 1, n).expand(C, 1, 1, n), padding=(0, n // 2), groups=C)
+    ref = F.conv2d(ref, k.view(1, 1, n, 1).expand(C, 1, n, 1), padding=(n // 2, 0), groups=C)
+    torch.testing.assert_close(_separable(x, k), ref, rtol=1e-12, atol=1e-12)
