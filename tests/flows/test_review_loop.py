@@ -45,7 +45,10 @@ def scored(trained, settings, tmp_path_factory) -> dict:
                                            "anomaly_class": np.array(["saturated_star"] * 2, dtype=object),
                                            "label": np.array([1, 1])})
     run_campaign(url, "tiny", trained["version"], settings)
-    return {"url": url, "version": trained["version"]}
+    # the browser test labels `url` itself; tests that need the scored survey before any label copy this
+    pristine = url.replace("survey.zarr", "pristine.zarr")
+    shutil.copytree(url, pristine)
+    return {"url": url, "pristine": pristine, "version": trained["version"]}
 
 
 def _chromedriver():
@@ -211,7 +214,7 @@ def test_hunt_after_labelling_lists_known_artefact_groups_apart(scored, settings
     from tasks.simulate import simulate_survey
 
     url = str(tmp_path / "hunted.zarr")
-    shutil.copytree(scored["url"], url)
+    shutil.copytree(scored["pristine"], url)  # not scored["url"]: the browser test labels that one
     v = scored["version"]
     det = load_detector(tracking.download_detector(tracking.ModelRef("tiny", v)))
     session = ReviewSession(url, "tiny", v, det, settings, "tester", tmp_path / "exports", pool_size=120)
