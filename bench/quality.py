@@ -262,7 +262,6 @@ def peer_methods(X_fit: np.ndarray, X_test: np.ndarray, n_pca: int, seed: int) -
 # ---- one seed ----------------------------------------------------------------------------------
 def run_seed(seed: int, args, home, where) -> dict:
     from gsafe_models.uniformity import calibration_ks
-    from gsafe_models.detector import DetectorConfig
     from gsafe_models.metrics import auroc
     from gsafe_models.perturb import KINDS, band_noise, perturb
     from infra.settings import Settings
@@ -312,8 +311,7 @@ def run_seed(seed: int, args, home, where) -> dict:
             loco[c] = ev.greedy(classes_objective(c), args.rules)
     out["seconds"]["protocol"] = t.seconds
     out.update(ev=ev, sel=sel, winner=winner, loco=loco, names=names, labels=labels, classes=classes)
-    defaults = DetectorConfig()
-    out["defaults_match"] = (tuple(sorted(defaults.statistics)) == tuple(sorted(winner[0])) and defaults.combination == winner[1])
+    out["defaults_match"] = is_default(*winner[:2])
     out["n_calib"] = len(S["calib"])
     out["singles"] = {n: {"all": auroc(S["test"][:, j], labels),
                           **{c: auroc(S["test"][(labels == 0) | (classes == c), j], classes[(labels == 0) | (classes == c)] == c)
@@ -377,6 +375,20 @@ def report_seed(seed: int, r: dict) -> None:
     print(f"seed {seed}: timings " + ", ".join(f"{k} {fmt(v, '.0f')} s" for k, v in r["seconds"].items() if v is not None))
 
 
+def is_default(stats, rule) -> bool:
+    """Whether a statistic set and rule are `DetectorConfig`'s defaults (the set in any order)."""
+    from gsafe_models.detector import DetectorConfig
+
+    d = DetectorConfig()
+    return sorted(d.statistics) == sorted(stats) and d.combination == rule
+
+
+def on_test(r: dict, stats, rule) -> tuple[dict, list[float], float]:
+    """(the evaluation, AUROC per present class, the best single statistic of the set) on a seed's test survey."""
+    x = r["ev"].run(tuple(stats), rule)
+    return x, [x["class"][c] for c in r["ev"].present], max(r["singles"][n]["all"] for n in stats)
+
+
 def pooled_selection(results: dict, rules) -> tuple[tuple[str, ...], str, float]:
     """Greedy forward selection, as :meth:`Evaluator.greedy`, on the synthetic objective averaged over
     every seed: one class-free choice for the defaults instead of one per seed."""
@@ -415,21 +427,14 @@ def main() -> None:
         pooled = pooled_selection(results, args.rules) if len(results) > 1 else None
 
     if pooled is not None:
-        from gsafe_models.detector import DetectorConfig
-
         stats, rule, obj = pooled
-        d = DetectorConfig()
-        match = tuple(sorted(d.statistics)) == tuple(sorted(stats)) and d.combination == rule
         print(f"\nclass-free selection on every seed's synthetic perturbations at once (mean AUROC {obj:.3f}): "
-              f"{rule}: {short(stats)} — {'= the defaults' if match else 'NOT the defaults'}")
+              f"{rule}: {short(stats)} — {'= the defaults' if is_default(stats, rule) else 'NOT the defaults'}")
         rows = []
         for label, (st, ru) in {"pooled winner": (stats, rule), "previous defaults": PREVIOUS_DEFAULTS,
                                 "every statistic": (None, "dose")}.items():
             for seed, r in results.items():
-                st_ = tuple(r["ev"].names) if st is None else st
-                x = r["ev"].run(st_, ru)
-                cl = [x["class"][c] for c in r["ev"].present]
-                best = max(r["singles"][n]["all"] for n in st_)
+                x, cl, best = on_test(r, r["ev"].names if st is None else st, ru)
                 rows.append([f"{label}, {ru}", seed, x["all"], min(cl), float(np.mean(cl)), x["listed"], x["fdr"], best,
                              "yes" if x["all"] >= best else "NO"])
         print_table(rows, ["set", "seed", "all", "min class", "mean class", "listed", "FDR", "best single", "≥ best"],
@@ -442,12 +447,10 @@ def main() -> None:
     for seed, r in results.items():
         ev = r["ev"]
         stats, rule, obj = r["winner"]
-        x = ev.run(stats, rule)
-        cl = [x["class"][c] for c in ev.present]
+        x, cl, best = on_test(r, stats, rule)
         held = [ev.run(*r["loco"][c][:2])["class"][c] for c in ev.present]
         loco_min.append(min(held))
         loco_mean.append(float(np.mean(held)))
-        best = max(r["singles"][n]["all"] for n in stats)
         peer = max((v["all"] for v in r.get("peers", {}).values()), default=float("nan"))
         rows.append([seed, f"{rule}: {short(stats)}", x["all"], min(cl), float(np.mean(cl)), min(held), float(np.mean(held)),
                      x["listed"], x["fdr"], best, peer, "yes" if r["defaults_match"] else "no"])

@@ -279,3 +279,11 @@ def test_the_references_methods_run_from_the_cli(train_store, settings, tmp_path
     with np.load(out / "attributions.npz") as maps:
         assert len(maps.files) == 2 and all(np.isfinite(maps[k]).all() and maps[k].any() for k in maps.files)
     assert "counterfactual" in (out / "index.html").read_text().lower()
+
+
+def test_the_statistics_help_names_the_default_statistics():
+    """The CLI stays import-light (no torch for --help), so it writes the defaults out: they must not drift."""
+    from gsafe_models.detector import DetectorConfig
+
+    r = CliRunner().invoke(app, ["train", "--help"])
+    assert _words(", ".join(DetectorConfig().statistics)) in _words(r.output)

@@ -46,7 +46,7 @@ def scored(trained, settings, tmp_path_factory) -> dict:
                                            "label": np.array([1, 1])})
     run_campaign(url, "tiny", trained["version"], settings)
     # the browser test labels `url` itself; tests that need the scored survey before any label copy this
-    pristine = url.replace("survey.zarr", "pristine.zarr")
+    pristine = str(Path(url).with_name("pristine.zarr"))
     shutil.copytree(url, pristine)
     return {"url": url, "pristine": pristine, "version": trained["version"]}
 
