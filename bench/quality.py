@@ -61,7 +61,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pca", type=int, default=32, help="PCA components of the peers")
     p.add_argument("--no-peers", action="store_true", help="skip the peers")
     p.add_argument("--cache", default=None, help="keep simulated stores and fitted detectors in this directory "
-                                                 "between runs (the protocol itself is always re-run)")
+                                                 "between runs (the protocol itself is always re-run); entries "
+                                                 "are keyed by seed and sizes, not by code: empty it after "
+                                                 "changing the simulator, the detector or a statistic")
     p.add_argument("--quick", action="store_true", help="a smaller run: 1 000 + 1 000 cutouts, 5 epochs")
     p.add_argument("--prepare", action="store_true", help="with --cache: simulate, fit and compute the statistics of "
                                                           "each seed, then stop (run seeds in parallel processes, then "
