@@ -29,9 +29,7 @@ from .calibration import COMBINERS, CombinedTest, bh_qvalues
 from .nets import build_representation, AutoEncoder, VAE
 from .normalise import BandNormaliser
 from .registry import FEATURES, PARTS, STATISTICS as _REGISTRY, Pass, requirements
-from .training import fit_representation, resolve_device
-
-BatchFactory = Callable[[], Iterable[np.ndarray]]
+from .training import BatchFactory, fit_representation, resolve_device, unpack_batch
 
 #: Every statistic a Detector can compute (see :mod:`gsafe_models.registry`), larger = more anomalous.
 STATISTICS: tuple[str, ...] = tuple(_REGISTRY)
@@ -149,15 +147,16 @@ class _Bundle(nn.Module):
 
         return all(p in self.parts for p in requirements([name])[1])
 
-    def features(self, images: Tensor, names: Iterable[str]) -> dict[str, Tensor]:
-        r"""Returns the features that statistics `names` read, of raw cutouts :math:`(N, B, H, W)`."""
+    def features(self, images: Tensor, names: Iterable[str], variance: Tensor | None = None) -> dict[str, Tensor]:
+        r"""Returns the features that statistics `names` read, of raw cutouts :math:`(N, B, H, W)`
+        (`variance`: their pixel variances, NaN where unknown, or None)."""
 
         feats = requirements(names)[0]
         missing = [p for f in feats for p in FEATURES[f].parts if p not in self.parts]
         if missing:
             raise KeyError(f"statistics {list(names)} need parts {sorted(set(missing))} this detector did not fit: "
                            f"fit one with them among its statistics")
-        p = Pass(self, images)
+        p = Pass(self, images, variance)
         return {f: FEATURES[f].compute(p) for f in feats}
 
     def derive(self, feats: dict[str, Tensor], names: Iterable[str]) -> dict[str, Tensor]:
@@ -268,7 +267,9 @@ class Detector:
 
         Arguments:
             train: Returns an iterable of training batches :math:`(b, B, H, W)` float32 counts,
-                NaN = missing; called once per epoch and a few more times.
+                NaN = missing, or of pairs `(cutouts, variances)` (a survey's variance plane,
+                NaN where unknown: the noise model then follows each pixel's depth; see
+                :func:`~gsafe_models.training.unpack_batch`); called once per epoch and a few more times.
             calib: The same for held-out normal objects, which calibrate the p-values.
             config: The settings.
             val: The same for the early-stopping split, or None.
@@ -287,7 +288,7 @@ class Detector:
         start = time.perf_counter()
 
         report({"stage": "normaliser"})
-        sample = _take(train, config.normaliser_sample)
+        sample, sample_variance = _take(train, config.normaliser_sample)
         if sample.ndim != 4:
             raise ValueError(f"Detector.fit: training batches have shape {sample.shape[1:]}, expected (B, H, W)")
         shape = tuple(int(s) for s in sample.shape[1:])
@@ -315,7 +316,7 @@ class Detector:
             )
 
         detector = cls.assemble(normaliser, net, train, calib, config=config, bands=bands, device=device,
-                                progress=progress, sample=sample)
+                                progress=progress, sample=(sample, sample_variance))
         detector.history = history
         detector.diagnostics["fit_seconds"] = time.perf_counter() - start
         return detector
@@ -332,7 +333,7 @@ class Detector:
         bands: tuple[str, ...] | None = None,
         device: str | None = None,
         progress: Callable[[dict], None] | None = None,
-        sample: np.ndarray | None = None,
+        sample: np.ndarray | tuple | None = None,
     ) -> "Detector":
         r"""Builds a detector around a trained representation: fits the parts its statistics need
         on `train`, and calibrates on `calib`.
@@ -350,8 +351,8 @@ class Detector:
             bands: The band names; default `band0`, `band1`...
             device: `"cuda"`, `"cpu"`..., or None for CUDA when present.
             progress: Called with `{"stage": ...}` as each stage starts.
-            sample: The first training cutouts the sample parts are fitted on (default: the
-                first `config.normaliser_sample` of `train`).
+            sample: The first training cutouts the sample parts are fitted on, or a pair
+                `(cutouts, variances)` (default: the first `config.normaliser_sample` of `train`).
         """
 
         device = resolve_device(device)
@@ -364,7 +365,7 @@ class Detector:
         sample_parts = [p for p in parts if PARTS[p].sample]
         if sample_parts:
             report({"stage": "noise model"})
-            data = _sample_data(bundle, _take(train, config.normaliser_sample) if sample is None else sample, device)
+            data = _sample_data(bundle, *(_take(train, config.normaliser_sample) if sample is None else unpack_batch(sample)), device)
             for p in sample_parts:
                 bundle.parts[p] = PARTS[p].fit(bundle, data, config).to(device)
             del data
@@ -408,11 +409,20 @@ class Detector:
         return self._bundle.normaliser.sky.device
 
     def _chunks(self, images: np.ndarray) -> Iterator[Tensor]:
+        for x, _ in self._pairs(images):
+            yield x
+
+    def _pairs(self, images: np.ndarray, variance: np.ndarray | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
         images = np.asarray(images)
         if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(f"Detector: images have shape {images.shape}, expected (N, {', '.join(map(str, self.image_shape))})")
+        if variance is not None and np.shape(variance) != images.shape:
+            raise ValueError(f"Detector: variances have shape {np.shape(variance)}, expected the images' {images.shape}")
+        dev = self._device()
         for i in range(0, len(images), _CHUNK):
-            yield torch.as_tensor(np.asarray(images[i : i + _CHUNK], dtype=np.float32)).to(self._device())
+            x = torch.as_tensor(np.asarray(images[i : i + _CHUNK], dtype=np.float32)).to(dev)
+            v = None if variance is None else torch.as_tensor(np.asarray(variance[i : i + _CHUNK], dtype=np.float32)).to(dev)
+            yield x, v
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -432,12 +442,16 @@ class Detector:
         return np.concatenate(out) if out else np.zeros((0, *self.image_shape), np.float32)
 
     @torch.no_grad()
-    def statistics(self, images: np.ndarray, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    def statistics(self, images: np.ndarray, names: Iterable[str] | None = None,
+                   variance: np.ndarray | None = None) -> dict[str, np.ndarray]:
         r"""Returns the raw per-object statistics of raw cutouts, one :math:`(N,)` float64 array each.
 
         Arguments:
             images: Raw cutouts :math:`(N, B, H, W)`, counts, NaN = missing.
             names: The statistics to compute (they must be fitted); default the detector's own.
+            variance: The cutouts' pixel variances in counts squared (a survey's variance plane),
+                same shape, NaN where unknown; or None. Used by the noise model where the
+                detector was fitted with variances (see :class:`~gsafe_models.noise.ResidualNoise`).
         """
 
         names = list(self.statistic_names if names is None else names)
@@ -448,16 +462,17 @@ class Detector:
             if not self._bundle.fitted(n):
                 raise KeyError(f"statistic {n!r} was not fitted by this detector: fit one with it among its statistics")
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        for x in self._chunks(images):
-            for n, s in self._bundle.derive(self._bundle.features(x, names), names).items():
+        for x, v in self._pairs(images, variance):
+            for n, s in self._bundle.derive(self._bundle.features(x, names, v), names).items():
                 parts[n].append(s.double().cpu().numpy())
         return {n: np.concatenate(v) if v else np.zeros(0) for n, v in parts.items()}
 
-    def score(self, images: np.ndarray, q_values: bool = True) -> dict[str, np.ndarray]:
+    def score(self, images: np.ndarray, q_values: bool = True, variance: np.ndarray | None = None) -> dict[str, np.ndarray]:
         r"""Scores raw cutouts.
 
         Arguments:
             images: Raw cutouts :math:`(N, B, H, W)`, counts, NaN = missing.
+            variance: Their pixel variances, as in :meth:`statistics`, or None.
             q_values: Add Benjamini-Hochberg q-values over these cutouts (leave out when scoring
                 a survey chunk by chunk: q-values belong to the whole survey).
 
@@ -466,7 +481,7 @@ class Detector:
             and `stat_<name>` and `p_<name>` per statistic, each :math:`(N,)`.
         """
 
-        raw = self.statistics(images)
+        raw = self.statistics(images, variance=variance)
         S = _matrix(raw, self.statistic_names)
         out: dict[str, np.ndarray] = {}
         if len(S):
@@ -587,29 +602,38 @@ class Detector:
 
 
 @torch.no_grad()
-def _sample_data(bundle: _Bundle, sample: np.ndarray, device: torch.device) -> dict[str, Tensor]:
-    r"""The normalised sample the sample parts are fitted on: `x`, `mask`, `x_hat` :math:`(n, B, H, W)`."""
+def _sample_data(bundle: _Bundle, sample: np.ndarray, variance: np.ndarray | None, device: torch.device) -> dict[str, Tensor]:
+    r"""The normalised sample the sample parts are fitted on: `x`, `mask`, `x_hat` :math:`(n, B, H, W)`,
+    and `variance`, the raw pixel variances, when given."""
 
-    xs, masks, hats = [], [], []
+    xs, masks, hats, known = [], [], [], []
     for i in range(0, len(sample), _CHUNK):
-        x, m = bundle.normaliser(torch.as_tensor(np.asarray(sample[i : i + _CHUNK], np.float32)).to(device))
+        raw = torch.as_tensor(np.asarray(sample[i : i + _CHUNK], np.float32)).to(device)
+        x, m = bundle.normaliser(raw)
         xs.append(x), masks.append(m), hats.append(bundle.net.decode(bundle.net.encode(x, m)))
-    return {"x": torch.cat(xs), "mask": torch.cat(masks), "x_hat": torch.cat(hats)}
+        if variance is not None:
+            known.append(torch.as_tensor(np.asarray(variance[i : i + _CHUNK], np.float32)).to(device))
+    data = {"x": torch.cat(xs), "mask": torch.cat(masks), "x_hat": torch.cat(hats)}
+    if known:
+        data["variance"] = torch.cat(known)
+    return data
 
 
-def _take(factory: BatchFactory, n: int) -> np.ndarray:
-    r"""Returns the first `n` cutouts a factory yields (fewer if it has fewer)."""
+def _take(factory: BatchFactory, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    r"""Returns the first `n` cutouts a factory yields (fewer if it has fewer), and their variances
+    (None unless every batch has them)."""
 
-    parts, held = [], 0
+    parts, variances, held = [], [], 0
     for batch in factory():
-        batch = np.asarray(batch, dtype=np.float32)
-        parts.append(batch[: n - held])
+        images, variance = unpack_batch(batch)
+        parts.append(images[: n - held])
+        variances.append(None if variance is None else variance[: n - held])
         held += len(parts[-1])
         if held >= n:
             break
     if not parts:
         raise ValueError("Detector.fit: the training factory yielded no batch")
-    return np.concatenate(parts)
+    return np.concatenate(parts), None if any(v is None for v in variances) else np.concatenate(variances)
 
 
 @torch.no_grad()
@@ -618,10 +642,11 @@ def _features_all(bundle: _Bundle, factory: BatchFactory, device: torch.device, 
 
     parts: dict[str, list[Tensor]] = {}
     for batch in factory():
-        batch = np.asarray(batch, dtype=np.float32)
+        batch, variance = unpack_batch(batch)
         for i in range(0, len(batch), _CHUNK):
             x = torch.as_tensor(batch[i : i + _CHUNK]).to(device)
-            for k, v in bundle.features(x, names).items():
+            var = None if variance is None else torch.as_tensor(variance[i : i + _CHUNK]).to(device)
+            for k, v in bundle.features(x, names, var).items():
                 parts.setdefault(k, []).append(v)
     if not parts:
         raise ValueError("Detector.fit: a batch factory yielded no batch")

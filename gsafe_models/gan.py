@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .nets import _Representation, masked_mse
 from .normalise import BandNormaliser
-from .training import _deterministic, _dihedral, resolve_device
+from .training import _deterministic, _dihedral, resolve_device, unpack_batch
 
 BatchFactory = Callable[[], Iterable[np.ndarray]]
 
@@ -222,7 +222,7 @@ def fit_gan(
 
     def batches(factory: BatchFactory):
         for batch in factory():
-            x, mask = normaliser(torch.as_tensor(np.asarray(batch, dtype=np.float32)).to(device))
+            x, mask = normaliser(torch.as_tensor(unpack_batch(batch)[0]).to(device))
             if augment and model.training:
                 k = int(torch.randint(8, (1,), generator=g))
                 x, mask = _dihedral(x, k), _dihedral(mask, k)

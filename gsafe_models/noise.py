@@ -44,13 +44,25 @@ MAD_TO_SIGMA = 1.4826
 
 class ResidualNoise(nn.Module):
     r"""Creates a per-band model of the residual's location and spread as a function of the
-    reconstructed pixel value, :math:`\mu_b(\hat x)` and :math:`\sigma_b(\hat x)`.
+    reconstructed pixel value, :math:`\mu_b(\hat x)` and :math:`\sigma_b(\hat x)`; where the input
+    comes with a per-pixel variance (a survey's variance or inverse-variance plane), the spread
+    also follows each pixel's depth.
 
     :meth:`fit` bins the valid pixels of each band by :math:`\hat x` into `bins` quantile bins and
     takes the median and :math:`1.4826 \times` MAD of the residual in each (robust: the anomalies a
     training set holds do not inflate it); between bin centres both are interpolated linearly (the
-    spread in log), beyond the outer centres they are held constant. Buffers only, so the fitted
-    model travels with a :py:`state_dict`.
+    spread in log), beyond the outer centres they are held constant.
+
+    With a known variance :math:`v` per pixel (in the units of the residual), the spread is
+    :math:`\sigma_b(\hat x) \sqrt{v / \bar v_b(\hat x)}`, :math:`\bar v_b` the median known variance
+    of the training pixels at that brightness, and :math:`\sigma_b` is fitted on residuals each
+    divided by its :math:`\sqrt{v / \bar v_b}`: a pixel of four times the typical variance (a
+    shallower exposure, a noisy column) gets twice the spread, where a model of brightness alone
+    would flag it, and a pixel of typical depth gets the spread it would get without variances.
+    (The residual's share that is model error, not noise, does not grow with the variance: on
+    deep pixels the spread is then slightly too large; tests/models/test_detector.py measures the
+    net effect.) Pixels whose variance is unknown (NaN) get the typical one. Buffers only, so the
+    fitted model travels with a :py:`state_dict`.
 
     Arguments:
         bands: The number of bands :math:`B`.
@@ -72,78 +84,120 @@ class ResidualNoise(nn.Module):
         self.register_buffer("centres", torch.zeros(bands, bins))
         self.register_buffer("loc", torch.zeros(bands, bins))
         self.register_buffer("log_scale", torch.zeros(bands, bins))
+        self._known_buffers()
+
+    def _known_buffers(self) -> None:
+        self.register_buffer("known", torch.tensor(False))  # fitted with a known variance
+        self.register_buffer("known_typical", torch.zeros(self.bands, self.bins))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models saved before the known-variance terms: fitted without one
+        for name, value in (("known", torch.tensor(False)), ("known_typical", torch.zeros(self.bands, self.bins))):
+            state_dict.setdefault(prefix + name, value)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def config(self) -> dict:
         return {"bands": self.bands, "bins": self.bins}
 
     @torch.no_grad()
-    def fit(self, residual: Tensor, x_hat: Tensor, mask: Tensor, max_values: int = 2_000_000, seed: int = 0) -> "ResidualNoise":
+    def fit(self, residual: Tensor, x_hat: Tensor, mask: Tensor, known: Tensor | None = None,
+            max_values: int = 2_000_000, seed: int = 0) -> "ResidualNoise":
         r"""Fits location and spread from residuals of normal objects.
 
         Arguments:
             residual: :math:`x - \hat x`, shape :math:`(N, B, H, W)`.
             x_hat: The reconstructions, same shape.
             mask: 1 where a pixel is valid, same shape.
+            known: The known noise variance of each pixel in the units of `residual`, NaN where
+                unknown, same shape; or None. With no finite value, the fit is as without.
             max_values: At most this many pixels per band enter the fit (drawn at random).
             seed: Seeds that draw.
         """
 
         g = torch.Generator().manual_seed(seed)
-        centres, locs, scales = [], [], []
+        use_known = known is not None and bool((torch.isfinite(known) & (mask > 0)).any())
+        centres, locs, scales, typicals = [], [], [], []
         for b in range(self.bands):
             valid = mask[:, b].reshape(-1) > 0
             r = residual[:, b].reshape(-1)[valid].double().cpu()
             v = x_hat[:, b].reshape(-1)[valid].double().cpu()
+            k = known[:, b].reshape(-1)[valid].double().cpu() if use_known else torch.zeros_like(r)
             if r.numel() > max_values:
                 pick = torch.randperm(r.numel(), generator=g)[:max_values]
-                r, v = r[pick], v[pick]
+                r, v, k = r[pick], v[pick], k[pick]
             if r.numel() < 2 * self.bins:
                 raise ValueError(f"ResidualNoise.fit: band {b} has {r.numel()} valid pixels, need >= {2 * self.bins}")
             order = torch.argsort(v)
-            r, v = r[order], v[order]
-            parts_r, parts_v = torch.tensor_split(r, self.bins), torch.tensor_split(v, self.bins)
-            c, l, s = [], [], []
-            for pr, pv in zip(parts_r, parts_v):
+            r, v, k = r[order], v[order], k[order]
+            c, l, s, t = [], [], [], []
+            for pr, pv, pk in zip(*(torch.tensor_split(u, self.bins) for u in (r, v, k))):
                 med = pr.median()
-                mad = MAD_TO_SIGMA * (pr - med).abs().median()
+                dev = (pr - med).abs()
+                finite = torch.isfinite(pk) & (pk >= 0)
+                typical = pk[finite].median() if finite.any() else pr.new_zeros(())
                 c.append(pv.median())
                 l.append(med)
-                s.append(mad)
+                t.append(typical)
+                if use_known and typical > 0:  # each residual in units of its own depth
+                    dev = dev / torch.where(finite, pk / typical, pk.new_ones(())).clamp_min(1e-6).sqrt()
+                s.append(MAD_TO_SIGMA * dev.median())
             s = torch.stack(s)
             floor = 1e-3 * s.max().clamp_min(1e-12)
             centres.append(torch.stack(c))
             locs.append(torch.stack(l))
             scales.append(s.clamp_min(floor).log())
+            typicals.append(torch.stack(t))
         dev, dt = self.centres.device, self.centres.dtype
         self.centres = torch.stack(centres).to(dev, dt)
         self.loc = torch.stack(locs).to(dev, dt)
         self.log_scale = torch.stack(scales).to(dev, dt)
+        self.known = torch.tensor(use_known, device=dev)
+        self.known_typical = torch.stack(typicals).to(dev, dt)
         return self
 
-    def _interp(self, table: Tensor, v: Tensor) -> Tensor:
-        r"""Piecewise-linear interpolation of per-band `table` :math:`(B, K)` at values `v` :math:`(N, B, H, W)`."""
+    def _weights(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Where values `v` :math:`(N, B, H, W)` fall between bin centres: the upper centre's index
+        and the linear weight on it, each :math:`(B, NHW)` (one search for every table)."""
+
+        B = v.shape[1]
+        c = self.centres.to(v)
+        flat = v.detach().transpose(0, 1).reshape(B, -1)
+        idx = torch.searchsorted(c.contiguous(), flat.contiguous()).clamp(1, self.bins - 1)
+        c0, c1 = c.gather(1, idx - 1), c.gather(1, idx)
+        w = ((v.transpose(0, 1).reshape(B, -1) - c0) / (c1 - c0).clamp_min(1e-12)).clamp(0.0, 1.0)
+        return idx, w
+
+    def _interp(self, table: Tensor, v: Tensor, at: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        r"""Piecewise-linear interpolation of per-band `table` :math:`(B, K)` at values `v` :math:`(N, B, H, W)`
+        (`at`: :meth:`_weights` of `v`, when already computed)."""
 
         N, B, H, W = v.shape
-        c = self.centres.to(v)
+        idx, w = at if at is not None else self._weights(v)
         t = table.to(v)
-        flat = v.permute(1, 0, 2, 3).reshape(B, -1)  # (B, NHW)
-        idx = torch.searchsorted(c.contiguous(), flat.detach().contiguous()).clamp(1, self.bins - 1)
-        c0, c1 = c.gather(1, idx - 1), c.gather(1, idx)
         t0, t1 = t.gather(1, idx - 1), t.gather(1, idx)
-        w = ((flat - c0) / (c1 - c0).clamp_min(1e-12)).clamp(0.0, 1.0)
         out = t0 + w * (t1 - t0)
-        return out.reshape(B, N, H, W).permute(1, 0, 2, 3)
+        return out.reshape(B, N, H, W).transpose(0, 1)
 
-    def scale(self, x_hat: Tensor) -> Tensor:
-        r"""Returns :math:`\sigma_b(\hat x)`, the residual spread expected at each pixel, shape of `x_hat`."""
+    def scale(self, x_hat: Tensor, known: Tensor | None = None, at: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        r"""Returns :math:`\sigma_b(\hat x)`, the residual spread expected at each pixel, shape of `x_hat`;
+        `known`: the pixels' known variance (NaN where unknown), used when the model was fitted with one."""
 
-        return self._interp(self.log_scale, x_hat).exp()
+        at = at if at is not None else self._weights(x_hat)
+        model = self._interp(self.log_scale, x_hat, at).exp()
+        if not bool(self.known):
+            return model
+        if known is None:
+            return model
+        typical = self._interp(self.known_typical, x_hat, at)
+        ratio = torch.where(torch.isfinite(known) & (known >= 0) & (typical > 0), known.to(x_hat) / typical.clamp_min(1e-30), 1.0)
+        return model * ratio.clamp_min(1e-6).sqrt()
 
-    def chi(self, residual: Tensor, x_hat: Tensor, mask: Tensor) -> Tensor:
+    def chi(self, residual: Tensor, x_hat: Tensor, mask: Tensor, known: Tensor | None = None) -> Tensor:
         r"""Returns :math:`\chi = (r - \mu_b(\hat x)) / \sigma_b(\hat x)` on valid pixels, 0 elsewhere,
-        shape :math:`(N, B, H, W)`."""
+        shape :math:`(N, B, H, W)`; `known` as in :meth:`scale`."""
 
-        return mask * (residual - self._interp(self.loc, x_hat)) / self.scale(x_hat)
+        at = self._weights(x_hat)
+        return mask * (residual - self._interp(self.loc, x_hat, at)) / self.scale(x_hat, known, at)
 
 
 def gaussian_kernel(sigma: float, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
@@ -248,8 +302,8 @@ class ChiScanner(nn.Module):
 
         return [f"{k}@{s:g}" for s in self.scales for k in self.SUMMARIES]
 
-    def _maps(self, residual: Tensor, x_hat: Tensor, mask: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        chi = self.noise.chi(residual, x_hat, mask)
+    def _maps(self, residual: Tensor, x_hat: Tensor, mask: Tensor, known: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        chi = self.noise.chi(residual, x_hat, mask, known)
         B = self.bands
         m = mask
         n = m.sum(1, keepdim=True)
@@ -264,12 +318,13 @@ class ChiScanner(nn.Module):
         return [x[:, : B + 1] for x in maps], [x[:, B + 1 :] for x in maps]
 
     @torch.no_grad()
-    def fit(self, residual: Tensor, x_hat: Tensor, mask: Tensor) -> "ChiScanner":
+    def fit(self, residual: Tensor, x_hat: Tensor, mask: Tensor, known: Tensor | None = None) -> "ChiScanner":
         r"""Fits the noise model and the per-scale spreads on residuals of normal objects
-        :math:`(N, B, H, W)`."""
+        :math:`(N, B, H, W)`; `known`: the pixels' known noise variance in the residual's units, NaN
+        where unknown (see :class:`ResidualNoise`), or None."""
 
-        self.noise.fit(residual, x_hat, mask)
-        both, chrom = self._maps(residual, x_hat, mask)
+        self.noise.fit(residual, x_hat, mask, known)
+        both, chrom = self._maps(residual, x_hat, mask, known)
 
         def spread(maps: Tensor) -> Tensor:  # robust per-channel spread over objects and pixels
             v = maps.transpose(0, 1).reshape(maps.shape[1], -1)
@@ -281,11 +336,11 @@ class ChiScanner(nn.Module):
         self.chromatic_spread = torch.stack([spread(c) for c in chrom]).to(self.chromatic_spread)
         return self
 
-    def features(self, residual: Tensor, x_hat: Tensor, mask: Tensor) -> Tensor:
+    def features(self, residual: Tensor, x_hat: Tensor, mask: Tensor, known: Tensor | None = None) -> Tensor:
         r"""Returns the summaries :math:`(N, 4 S)` of residuals :math:`(N, B, H, W)`, in the column
-        order of :meth:`names`."""
+        order of :meth:`names`; `known` as in :meth:`fit`."""
 
-        both, chrom = self._maps(residual, x_hat, mask)
+        both, chrom = self._maps(residual, x_hat, mask, known)
         core = self.core.to(residual)
         cols = []
         for j, (b, c) in enumerate(zip(both, chrom)):

@@ -112,11 +112,13 @@ class Pass:
     Arguments:
         bundle: The detector's torch parts (`normaliser`, `net`, `parts`).
         images: Raw cutouts :math:`(N, B, H, W)`, counts, NaN = missing, on the bundle's device.
+        variance: Their pixel variances in counts squared, NaN where unknown, or None.
     """
 
-    def __init__(self, bundle: nn.Module, images: Tensor) -> None:
+    def __init__(self, bundle: nn.Module, images: Tensor, variance: Tensor | None = None) -> None:
         self.bundle = bundle
         self.images = images
+        self.variance = variance
 
     @cached_property
     def normalised(self) -> tuple[Tensor, Tensor]:
@@ -129,6 +131,14 @@ class Pass:
     @property
     def mask(self) -> Tensor:
         return self.normalised[1]
+
+    def known(self, at: Tensor) -> Tensor | None:
+        r"""The pixel variances in normalised units at reconstruction `at` (NaN where unknown), or None
+        without any."""
+
+        if self.variance is None:
+            return None
+        return self.bundle.normaliser.variance(at, self.variance.to(self.x.dtype))
 
     @cached_property
     def z(self) -> Tensor:
@@ -183,7 +193,7 @@ class Part:
         name: Its key in the Detector's parts.
         build: Rebuilds the (unfitted) module from its :py:`config()` dict.
         fit: `(bundle, data, config) -> module`: `data` is the normalised sample (`x`, `mask`,
-            `x_hat`, `images`) for a sample part, or the training features by name for a
+            `x_hat`, and the raw pixel `variance` when the batches carry it) for a sample part, or the training features by name for a
             feature part; `config` the :class:`~gsafe_models.detector.DetectorConfig`.
         features: The training features a feature part is fitted on.
         requires: Parts fitted before it.
@@ -335,22 +345,23 @@ def _morphometry(p: Pass) -> Tensor:
 
 @_feature("chi", parts=("chi_scanner",))
 def _chi(p: Pass) -> Tensor:
-    return p.bundle.parts["chi_scanner"].features(p.x - p.x_hat, p.x_hat, p.mask)
+    return p.bundle.parts["chi_scanner"].features(p.x - p.x_hat, p.x_hat, p.mask, p.known(p.x_hat))
 
 
 @_feature("chi_pca", parts=("pca", "chi_scanner_pca"))
 def _chi_pca(p: Pass) -> Tensor:
-    return p.bundle.parts["chi_scanner_pca"].features(p.x - p.pca_hat, p.pca_hat, p.mask)
+    return p.bundle.parts["chi_scanner_pca"].features(p.x - p.pca_hat, p.pca_hat, p.mask, p.known(p.pca_hat))
 
 
 # ---------------------------------------------------------------------------------------------
 # Parts
 
 
-def _scanner(data: dict, config, reconstruction: Tensor) -> ChiScanner:
+def _scanner(b, data: dict, config, reconstruction: Tensor) -> ChiScanner:
     B, H, W = data["x"].shape[1:]
     scan = ChiScanner(B, H, W, scales=config.chi_scales, bins=config.noise_bins)
-    return scan.fit(data["x"] - reconstruction, reconstruction, data["mask"])
+    known = b.normaliser.variance(reconstruction, data["variance"]) if "variance" in data else None
+    return scan.fit(data["x"] - reconstruction, reconstruction, data["mask"], known)
 
 
 PARTS["pca"] = Part(
@@ -359,11 +370,11 @@ PARTS["pca"] = Part(
 )
 PARTS["chi_scanner"] = Part(
     "chi_scanner", build=lambda **c: ChiScanner(**c), sample=True,
-    fit=lambda b, data, cfg: _scanner(data, cfg, data["x_hat"]),
+    fit=lambda b, data, cfg: _scanner(b, data, cfg, data["x_hat"]),
 )
 PARTS["chi_scanner_pca"] = Part(
     "chi_scanner_pca", build=lambda **c: ChiScanner(**c), sample=True, requires=("pca",),
-    fit=lambda b, data, cfg: _scanner(data, cfg, b.parts["pca"](data["x"], data["mask"])),
+    fit=lambda b, data, cfg: _scanner(b, data, cfg, b.parts["pca"](data["x"], data["mask"])),
 )
 
 

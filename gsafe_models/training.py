@@ -21,7 +21,30 @@ from torch import Tensor
 from .nets import AutoEncoder, VAE
 from .normalise import BandNormaliser
 
+#: A re-iterable source of batches: each call returns an iterable of raw cutouts :math:`(b, B, H, W)`
+#: float32, NaN = missing, or of pairs `(cutouts, variances)`, the second their pixel variances
+#: (same shape, NaN where unknown) or None (see :func:`unpack_batch`).
 BatchFactory = Callable[[], Iterable[np.ndarray]]
+
+
+def unpack_batch(batch) -> tuple[np.ndarray, np.ndarray | None]:
+    r"""Returns `(cutouts, variances or None)` of a batch: an array of cutouts, or a pair of them.
+
+    Example:
+        >>> x = np.zeros((2, 1, 4, 4), np.float32)
+        >>> unpack_batch(x)[1] is None, unpack_batch((x, x))[1].shape
+        (True, (2, 1, 4, 4))
+    """
+
+    if isinstance(batch, tuple):
+        images, variance = batch
+        images = np.asarray(images, dtype=np.float32)
+        if variance is not None:
+            variance = np.asarray(variance, dtype=np.float32)
+            if variance.shape != images.shape:
+                raise ValueError(f"unpack_batch: variances of shape {variance.shape} for cutouts of shape {images.shape}")
+        return images, variance
+    return np.asarray(batch, dtype=np.float32), None
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -181,7 +204,7 @@ def fit_representation(
 
     def batches(factory: BatchFactory):
         for batch in factory():
-            x = torch.as_tensor(np.asarray(batch, dtype=np.float32)).to(device, non_blocking=True)
+            x = torch.as_tensor(unpack_batch(batch)[0]).to(device, non_blocking=True)
             yield normaliser(x)
 
     def autocast():

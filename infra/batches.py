@@ -34,11 +34,13 @@ class StoreBatches:
     """A re-iterable source of (b, B, H, W) float32 batches of the given rows of a store.
 
     Each call returns a fresh iterator; with `shuffle` the chunk order and the rows within each
-    chunk are permuted anew every epoch (seeded). Memory: one store chunk plus one batch.
+    chunk are permuted anew every epoch (seeded). Memory: one store chunk plus one batch. With
+    `variance` and a store that holds pixel variances (``aux/variance``), each batch is a pair
+    `(cutouts, variances)`, as :class:`~gsafe_models.detector.Detector` takes them.
     """
 
     def __init__(self, store_url: str, rows: np.ndarray, batch_size: int = 128, shuffle: bool = False,
-                 seed: int = 0, limit: int | None = None):
+                 seed: int = 0, limit: int | None = None, variance: bool = False):
         self.store_url = store_url
         self.rows = np.sort(np.asarray(rows, dtype=np.int64))
         if limit is not None and len(self.rows) > limit:
@@ -46,13 +48,21 @@ class StoreBatches:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.variance = variance
         self._epoch = 0
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __call__(self) -> Iterator[np.ndarray]:
+    def __call__(self) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
         store = SurveyStore.open(self.store_url)
+        if self.variance and "variance" in store.aux_names:
+            yield from self._pairs(store)
+            return
+        for images, _ in self._pairs(store, variance=False):
+            yield images
+
+    def _pairs(self, store: SurveyStore, variance: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         cs = store.chunk_size
         rng = np.random.default_rng([self.seed, self._epoch])
         self._epoch += 1
@@ -60,18 +70,26 @@ class StoreBatches:
         if self.shuffle:
             chunks = rng.permutation(chunks)
         buf: list[np.ndarray] = []
+        vbuf: list[np.ndarray] = []
         held = 0
         for c in chunks:
             sel = self.rows[self.rows // cs == c] - c * cs
             block = store.read_images(int(c) * cs, int(c + 1) * cs)[sel]
+            vblock = store.read_variance(int(c) * cs, int(c + 1) * cs)[sel] if variance else None
             if self.shuffle:
-                block = block[rng.permutation(len(block))]
+                order = rng.permutation(len(block))
+                block = block[order]
+                vblock = None if vblock is None else vblock[order]
             buf.append(block)
+            if vblock is not None:
+                vbuf.append(vblock)
             held += len(block)
             while held >= self.batch_size:
                 cat = np.concatenate(buf)
-                yield cat[: self.batch_size]
+                vcat = np.concatenate(vbuf) if vbuf else None
+                yield cat[: self.batch_size], None if vcat is None else vcat[: self.batch_size]
                 rest = cat[self.batch_size:]
                 buf, held = ([rest] if len(rest) else []), len(rest)
+                vbuf = [vcat[self.batch_size:]] if vcat is not None and len(rest) else []
         if held:
-            yield np.concatenate(buf)
+            yield np.concatenate(buf), np.concatenate(vbuf) if vbuf else None

@@ -8,7 +8,8 @@ chunks so every write after the first covers whole chunks. Inputs are read by wo
 `PARALLEL_FROM` inputs or more), one batch in flight per worker, and appended in source order.
 
 Beside ``images`` the store gets, when a source gives them, ``aux/variance`` (N, B, H, W) float32
-(pixel variance in image units squared; NaN where unknown or missing) and ``aux/mask`` (N, B, H, W)
+(pixel variance in image units squared; NaN where unknown or missing: training and scoring pass it
+to the noise model, see :class:`gsafe_models.noise.ResidualNoise`) and ``aux/mask`` (N, B, H, W)
 int32 (the source's bit mask as given; -1 where none came). Pixels with a masked bit of
 `Settings.mask_bits`, or of zero inverse variance, are NaN in ``images``.
 """

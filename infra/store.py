@@ -326,6 +326,14 @@ class SurveyStore:
             raise StoreError(f"store {self.url}: no aux array {name!r}")
         return np.asarray(self.group["aux"][name][start:stop])
 
+    def read_variance(self, start: int = 0, stop: int | None = None) -> np.ndarray | None:
+        """Pixel variances [start, stop), (n, B, H, W) float32 in image units squared, NaN where
+        unknown; None when the store holds none (``aux/variance``, written by ingest from a
+        survey's variance or inverse-variance planes)."""
+        if "variance" not in self.group["aux"]:
+            return None
+        return self.read_aux("variance", start, stop).astype(np.float32, copy=False)
+
     def object_ids(self) -> np.ndarray:
         return self.read_catalog(["object_id"])["object_id"]
 

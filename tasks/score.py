@@ -62,7 +62,7 @@ def score_chunk_task(store_url: str, name: str, version: int, chunk: int, payloa
     table = store.score_table(name, version)
     start, stop = chunk * store.chunk_size, min((chunk + 1) * store.chunk_size, table.n)
     det = load_detector(payload, "cuda" if torch.cuda.is_available() else None)
-    out = det.score(store.read_images(start, stop), q_values=False)
+    out = det.score(store.read_images(start, stop), q_values=False, variance=store.read_variance(start, stop))
     done = table.write_chunk(chunk, {k: v for k, v in out.items() if k in table.group})
     get_run_logger().info("chunk %d: %d cutouts scored on %s pid %d%s", chunk, stop - start, socket.gethostname(),
                           os.getpid(), "" if done else " (the chunk grew meanwhile: left for the next round)")

@@ -13,6 +13,7 @@ from prefect.tasks import exponential_backoff
 from tqdm.auto import tqdm
 
 from gsafe_models.detector import Detector, DetectorConfig
+from gsafe_models.training import unpack_batch
 from gsafe_models.metrics import per_class_report
 from infra import tracking
 from infra.batches import StoreBatches, split_rows
@@ -34,9 +35,10 @@ def fit_detector_task(store_url: str, config: dict, settings: dict, run_id: str 
     cfg = DetectorConfig(**config)
     store = SurveyStore.open(store_url)
     split = store_splits(store_url)
-    train = StoreBatches(store_url, split["train"], cfg.batch_size, shuffle=True, seed=cfg.seed)
+    # with the store's pixel variances, where it has them: the noise model uses them
+    train = StoreBatches(store_url, split["train"], cfg.batch_size, shuffle=True, seed=cfg.seed, variance=True)
     val = StoreBatches(store_url, split["val"], cfg.batch_size)
-    calib = StoreBatches(store_url, split["calib"], cfg.batch_size)
+    calib = StoreBatches(store_url, split["calib"], cfg.batch_size, variance=True)
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not s.progress)
 
     def progress(event: dict) -> None:
@@ -70,8 +72,8 @@ def evaluate_task(store_url: str, payload: bytes, rows: np.ndarray | None = None
     if keep.sum() == 0 or len(set(lab[keep])) < 2:
         return metrics
     rows = rows[keep]
-    scores = np.concatenate([det.score(x, q_values=False)["score"]
-                             for x in StoreBatches(store_url, rows, 1024)()])
+    scores = np.concatenate([det.score(x, q_values=False, variance=v)["score"]
+                             for x, v in map(unpack_batch, StoreBatches(store_url, rows, 1024, variance=True)())])
     rep = per_class_report(scores, cat["label"][rows], cat["anomaly_class"][rows])
     metrics["val_auroc"] = rep["all"]["auroc"]
     metrics["val_ap"] = rep["all"]["ap"]

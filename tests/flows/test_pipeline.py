@@ -173,3 +173,39 @@ def test_promotion_refuses_worse_challenger_and_promotes_better(train_store, val
     m = r3["metrics"]
     assert m[v3]["auroc"] >= m[v1]["auroc"], "the stronger model did not detect better: test premise broken"
     assert r3["decision"] == "promoted" and tracking.get_alias_version(name, "champion") == v3
+
+
+def test_a_store_with_variance_planes_trains_and_scores_with_them(train_store, tiny_model, settings, sdict, flows_ctx,
+                                                                  tmp_path):
+    # a survey whose odd objects come from a shallower exposure (twice the sky noise), with the
+    # variance plane its pipeline ships: train and score read it, and the scores are the
+    # Detector's with those variances
+    from flows.score import score_flow
+    from flows.train import train_flow
+    from infra import tracking
+    from infra.runtime import task_runner
+    from tasks.score import load_detector
+
+    url = _copy(train_store, tmp_path, "deep.zarr")
+    store = SurveyStore.open(url, mode="r+")
+    images = store.read_images()
+    rng = np.random.default_rng(0)
+    border = np.concatenate([images[:, :, :4].reshape(len(images), len(store.bands), -1),
+                             images[:, :, -4:].reshape(len(images), len(store.bands), -1)], axis=2)
+    sky = np.nanmedian(1.4826 * np.nanmedian(np.abs(border - np.nanmedian(border, axis=2, keepdims=True)), axis=2), axis=0)
+    shallow = np.arange(len(images)) % 2 == 1
+    noisy = images.copy()
+    noisy[shallow] += (rng.standard_normal(noisy[shallow].shape) * np.sqrt(3.0) * sky[None, :, None, None]).astype(np.float32)
+    variance = (np.where(shallow, 4.0, 1.0)[:, None, None, None] * sky[None, :, None, None] ** 2
+                + np.clip(images, 0, None)).astype(np.float32)
+    store.images[:] = noisy
+    store.set_column("variance", variance, parent="aux")
+
+    version = train_flow(url, "tiny_var", tiny_model, sdict)["version"]
+    det = load_detector(tracking.download_detector(tracking.ModelRef("tiny_var", version)))
+    assert bool(det._bundle.parts["chi_scanner_pca"].noise.known)
+    score_flow.with_options(task_runner=task_runner(settings))(url, "tiny_var", version, sdict)
+    table = SurveyStore.open(url).score_table("tiny_var", version).read(["score"])
+    want = det.score(noisy, q_values=False, variance=variance)["score"]
+    np.testing.assert_allclose(table["score"], want, rtol=1e-6)
+    assert not np.allclose(table["score"], det.score(noisy, q_values=False)["score"], rtol=1e-3)

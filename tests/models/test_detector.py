@@ -14,6 +14,7 @@ from gsafe_models.simulate import simulate_batch
 
 BANDS = ("g", "r", "i")
 SIZE = 16
+SHOT = 1.0
 
 
 def _batches(x, bs=64):
@@ -187,3 +188,57 @@ def test_payload_of_another_layout_gives_a_clear_error(detector):
     torch.save(dict(payload, format=-1), buffer)
     with pytest.raises(ValueError, match="format -1"):
         Detector.from_bytes(buffer.getvalue())
+
+
+def _with_depth(images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every second cutout from a shallower exposure (twice the sky noise), and the variance plane
+    a survey pipeline ships: the sky variance of the exposure plus the source's shot noise."""
+    rng = np.random.default_rng(seed)
+    x = images.astype(np.float64)
+    shallow = np.arange(len(x)) % 2 == 1
+    edge = np.ones(x.shape[-2:], bool)
+    edge[3:-3, 3:-3] = False
+    border = x[:, :, edge]
+    # the survey's sky noise per band (its exposure-time calculator's; per object a border
+    # estimate would count an anomaly reaching the border as noise)
+    sky = np.nanmedian(1.4826 * np.nanmedian(np.abs(border - np.nanmedian(border, axis=2, keepdims=True)), axis=2), axis=0)
+    sky = np.broadcast_to(sky, x.shape[:2])  # (N, B)
+    x[shallow] += rng.standard_normal(x[shallow].shape) * np.sqrt(3.0) * sky[shallow][:, :, None, None]
+    depth = np.where(shallow, 4.0, 1.0)[:, None]
+    variance = (depth * sky**2)[:, :, None, None] + SHOT * np.clip(images, 0.0, None)  # gain 1 (the simulator's)
+    return x.astype(np.float32), variance.astype(np.float32), shallow
+
+
+def test_variance_plane_keeps_a_shallower_exposure_from_looking_anomalous(detector, survey):
+    # the same trained representation, the chi statistics with and without the pixel variances:
+    # without them, twice the sky noise reads as a departure (shallow normals outrank deep ones);
+    # with them, depth is noise the model expects, and anomalies rank above normals as well or better
+    train, train_var, _ = _with_depth(survey["train"], 10)
+    calib, calib_var, _ = _with_depth(survey["calib"], 11)
+    test = survey["test"]
+    x, var, shallow = _with_depth(test.images, 12)
+
+    def pairs(a, v, bs=64):
+        return lambda: ((a[i : i + bs], v[i : i + bs]) for i in range(0, len(a), bs))
+
+    b = detector._bundle
+    config = dataclasses.replace(detector.config, statistics=("chi_peak_pca", "chi_core_pca", "chi_extended_pca"))
+    blind = Detector.assemble(b.normaliser, b.net, _batches(train), _batches(calib), config=config, bands=BANDS)
+    aware = Detector.assemble(b.normaliser, b.net, pairs(train, train_var), pairs(calib, calib_var), config=config, bands=BANDS)
+    assert bool(aware._bundle.parts["chi_scanner_pca"].noise.known) and not bool(blind._bundle.parts["chi_scanner_pca"].noise.known)
+
+    normal = test.label == 0
+    s_blind = blind.score(x, variance=var)["score"]  # fitted without variances: it ignores them
+    np.testing.assert_array_equal(s_blind, blind.score(x)["score"])
+    s_aware = aware.score(x, variance=var)["score"]
+    depth_blind = auroc(s_blind[normal], shallow[normal])
+    depth_aware = auroc(s_aware[normal], shallow[normal])
+    assert depth_blind > 0.75, depth_blind
+    assert abs(depth_aware - 0.5) < 0.15, depth_aware
+    assert auroc(s_aware, test.label) >= auroc(s_blind, test.label) - 0.02
+    # fresh normals of either depth get valid p-values
+    p = aware.score(x[normal], variance=var[normal])["p_value"]
+    assert stats.kstest(p, "uniform", alternative="greater").pvalue > 1e-3
+    # a variance plane of the wrong shape is a clear error
+    with pytest.raises(ValueError, match="variances have shape"):
+        aware.score(x, variance=var[:, :2])

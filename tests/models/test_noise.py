@@ -114,3 +114,42 @@ def test_banded_smoothing_equals_the_depthwise_convolution(sigma):
     ref = F.conv2d(x, k.view(1, 1, 1, n).expand(C, 1, 1, n), padding=(0, n // 2), groups=C)
     ref = F.conv2d(ref, k.view(1, 1, n, 1).expand(C, 1, n, 1), padding=(n // 2, 0), groups=C)
     torch.testing.assert_close(_separable(x, k), ref, rtol=1e-12, atol=1e-12)
+
+
+def _two_depths(seed=0, n=256):
+    """Residuals whose noise grows with brightness, half of the objects at twice the noise, and
+    the known variance of each pixel (a survey's variance plane)."""
+    g = torch.Generator().manual_seed(seed)
+    x_hat = torch.rand(n, 2, 12, 12, generator=g)
+    depth = torch.where(torch.arange(n).view(-1, 1, 1, 1) < n // 2, 1.0, 4.0)
+    known = (0.1 + x_hat) ** 2 * depth
+    r = known.sqrt() * torch.randn(x_hat.shape, generator=g)
+    return r, x_hat, known, depth.view(-1) > 1
+
+
+def test_a_known_variance_makes_chi_unit_normal_at_every_depth():
+    r, x_hat, known, shallow = _two_depths()
+    m = torch.ones_like(r)
+    blind = ResidualNoise(2).fit(r, x_hat, m)
+    aware = ResidualNoise(2).fit(r, x_hat, m, known=known)
+    assert not bool(blind.known) and bool(aware.known)
+    chi_blind, chi_aware = blind.chi(r, x_hat, m), aware.chi(r, x_hat, m, known)
+    # brightness alone cannot tell the depths apart: deep objects too quiet, shallow ones too loud
+    assert chi_blind[~shallow].std() < 0.8 and chi_blind[shallow].std() > 1.3
+    for part in (~shallow, shallow):
+        assert abs(float(chi_aware[part].std()) - 1.0) < 0.05
+    # fitted without variances, a model ignores them; unknown (NaN) variances get the typical one
+    assert torch.equal(blind.chi(r, x_hat, m, known), chi_blind)
+    unknown = aware.chi(r, x_hat, m, torch.full_like(known, float("nan")))
+    assert torch.isfinite(unknown).all() and 1.0 < float(unknown.std()) < 1.3
+
+
+def test_a_model_saved_before_known_variances_loads_as_fitted_without():
+    r, x_hat, known, _ = _two_depths(1, 64)
+    m = torch.ones_like(r)
+    old = {k: v for k, v in ResidualNoise(2).fit(r, x_hat, m).state_dict().items()
+           if k not in ("known", "known_typical")}
+    loaded = ResidualNoise(2)
+    loaded.load_state_dict(old)
+    assert not bool(loaded.known)
+    assert torch.equal(loaded.chi(r, x_hat, m, known), ResidualNoise(2).fit(r, x_hat, m).chi(r, x_hat, m))
