@@ -101,9 +101,12 @@ def campaign_pending(store_url: str, name: str, version: int) -> bool:
     return t.n < store.n or bool(t.pending_chunks())
 
 
-def run_campaign(store_url: str, name: str, version: int, settings: Settings) -> dict:
-    """`score_flow` on a Dask cluster when there is work, on the plain runner (no cluster start-up) when not."""
+def run_campaign(store_url: str, name: str, version: int, settings: Settings, in_process: bool = False) -> dict:
+    """`score_flow` on a Dask cluster when there is work, on the plain runner (no cluster start-up) when
+    not, or with `in_process`: chunks in threads of this process, for a survey of a few chunks, which
+    is scored before a local cluster has started its workers (~10-15 s on 2 cores)."""
     from infra.runtime import task_runner
 
-    f = score_flow.with_options(task_runner=task_runner(settings)) if campaign_pending(store_url, name, version) else score_flow
+    pending = campaign_pending(store_url, name, version)
+    f = score_flow.with_options(task_runner=task_runner(settings)) if pending and not in_process else score_flow
     return f(store_url, name, version, settings.model_dump(mode="json"))

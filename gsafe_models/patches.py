@@ -107,16 +107,36 @@ class PatchDensity(nn.Module):
         m = F.unfold(mask, self.patch, stride=self.stride).transpose(1, 2).mean(2)
         return v, m > 0.8
 
+    def _sample_patches(self, x: Tensor, mask: Tensor, scale: int, max_patches: int, g: torch.Generator) -> Tensor:
+        r"""The valid patches of :meth:`_patches` in row-major order, or `max_patches` of them drawn
+        at random, :math:`(n, D)` float64 on the CPU, without copying out every patch first (a
+        thousand 64-pixel cutouts hold ~10^6 patches)."""
+
+        xb, mb = self._binned(x, mask, scale)
+        B, P, st = xb.shape[1], self.patch, self.stride
+        D = B * P * P
+        # the valid fraction of each patch, as `_patches` computes it (an exact count, then / D)
+        count = F.conv2d(mb, mb.new_ones(1, B, P, P), stride=st).flatten(1)
+        where = torch.nonzero((count / D > 0.8).reshape(-1)).squeeze(1).cpu()
+        if len(where) > max_patches:
+            where = where[torch.randperm(len(where), generator=g)[:max_patches]]
+        L = count.shape[1]
+        out = torch.empty(len(where), D, dtype=torch.float64)
+        rows = where // L
+        for i in range(0, len(xb), 128):
+            sel = torch.nonzero((rows >= i) & (rows < i + 128)).squeeze(1)
+            if len(sel):
+                v = F.unfold(xb[i : i + 128], P, stride=st).transpose(1, 2).reshape(-1, D)
+                out[sel] = v[(where[sel] - i * L).to(v.device)].double().cpu()
+        return out
+
     @torch.no_grad()
     def fit(self, x: Tensor, mask: Tensor, max_patches: int = 60_000, seed: int = 0) -> "PatchDensity":
         r"""Fits both scales on normalised normal cutouts :math:`(N, B, H, W)`."""
 
         g = torch.Generator().manual_seed(seed)
         for s in self.SCALES:
-            v, ok = self._patches(x, mask, s)
-            v = v[ok].double().cpu()
-            if v.shape[0] > max_patches:
-                v = v[torch.randperm(v.shape[0], generator=g)[:max_patches]]
+            v = self._sample_patches(x, mask, s, max_patches, g)
             if v.shape[0] < 10 * self.components:
                 raise ValueError(f"PatchDensity.fit: {v.shape[0]} valid patches at scale {s}, need {10 * self.components}")
             mean = v.mean(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -221,10 +222,44 @@ def test_latent_map_falls_back_to_pca_for_tiny_surveys():
     assert latent_map(torch.randn(1, 3)).shape == (1, 2)
 
 
+def _separated(xy: torch.Tensor, n: int) -> bool:
+    """Every point of the first `n` is nearer its own group's centre than the other group's."""
+    a, b = xy[:n].mean(0), xy[n:].mean(0)
+    first = (xy[:n] - a).norm(dim=1) < (xy[:n] - b).norm(dim=1)
+    second = (xy[n:] - b).norm(dim=1) < (xy[n:] - a).norm(dim=1)
+    return bool(first.all() and second.all())
+
+
+def test_latent_map_tsne_is_seeded_and_keeps_groups_apart():
+    g = torch.Generator().manual_seed(0)
+    z = torch.cat([torch.randn(40, 6, generator=g), torch.randn(40, 6, generator=g) + 8])
+    xy = latent_map(z, seed=3)
+    assert xy.shape == (80, 2) and torch.isfinite(xy).all()
+    torch.testing.assert_close(latent_map(z, seed=3), xy)
+    assert _separated(xy, 40)
+    with pytest.raises(ValueError, match="method"):
+        latent_map(z, method="isomap")
+
+
+def test_latent_map_half_whitens_the_latents():
+    # principal spreads become the square roots of the singular values (relative to the largest):
+    # a direction 10^4 times weaker in variance is 10 times weaker, not 100; numerical noise goes
+    from gsafe_models.explain import whiten
+
+    g = np.random.default_rng(0)
+    z = np.concatenate([100 * g.standard_normal((500, 1)), g.standard_normal((500, 1)), 1e-9 * g.standard_normal((500, 3))], 1)
+    w = whiten(z)
+    assert w.shape == (500, 2)
+    spread = w.std(0)
+    np.testing.assert_allclose(spread[1] / spread[0], 0.1, rtol=0.1)
+    assert whiten(np.outer(np.arange(20.0), np.ones(3))).shape == (20, 2)  # one direction: padded
+
+
 @pytest.mark.slow  # numba compiles UMAP in every new process: ~30 s
 def test_latent_map_umap_is_seeded():
     z = torch.cat([torch.randn(20, 6), torch.randn(20, 6) + 8])
-    xy = latent_map(z, seed=3)
+    xy = latent_map(z, seed=3, method="umap")
     assert xy.shape == (40, 2)
     assert torch.isfinite(xy).all()
-    torch.testing.assert_close(latent_map(z, seed=3), xy)
+    torch.testing.assert_close(latent_map(z, seed=3, method="umap"), xy)
+    assert _separated(xy, 20)
