@@ -93,11 +93,16 @@ def _robust(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class FeatureSpace:
     """The detector's features of objects as one matrix ``(N, k)``, ``k <= 16``.
 
-    Latents ``(N, D)`` are robustly standardised (median, normal-consistent MAD); statistics
-    ``(N, S)`` too, then passed through ``asinh`` because their tails are the anomalies and would
-    otherwise decide every distance alone. Each view is divided by the square root of its width, so
-    latents and statistics weigh the same whatever ``D`` and ``S``; then the 16 leading principal
-    components are kept (all when fewer). Not "95 % of the variance": on bench/active.py's survey
+    Latents ``(N, D)`` are robustly standardised (median, normal-consistent MAD), then
+    half-whitened: their principal components get spreads the square roots of their singular
+    values (as :func:`gsafe_models.explain.whiten`), because an autoencoder's latents can hold
+    nearly all their variance along one direction (99.99 % for the demo's model: a change of
+    brightness), and an isotropic kernel would then see that direction alone. This was decided
+    from that label-free measurement, before bench/active.py was run with it. Statistics
+    ``(N, S)`` are robustly standardised too, then passed through ``asinh`` because their tails are
+    the anomalies and would otherwise decide every distance alone. Each view is scaled to unit
+    total variance, so latents and statistics weigh the same whatever ``D`` and ``S``; then the
+    16 leading principal components are kept (all when fewer). Not "95 % of the variance": on bench/active.py's survey
     that rule kept 4 components, and what tells one anomaly class from another lives in the
     low-variance ones. Fitted on the candidates it will embed.
 
@@ -113,7 +118,12 @@ class FeatureSpace:
     s_centre: np.ndarray
     s_scale: np.ndarray
     mean: np.ndarray
-    components: np.ndarray   # (k, D + S)
+    components: np.ndarray   # (k, D' + S)
+    # the latents' half-whitening: their mean after standardisation, principal axes (D', D) and
+    # the spreads the scores are divided by (D',); None in a space saved before it (latents as they are)
+    z_mean: np.ndarray | None = None
+    z_basis: np.ndarray | None = None
+    z_spread: np.ndarray | None = None
 
     @classmethod
     def fit(cls, latents: np.ndarray, statistics: np.ndarray) -> "FeatureSpace":
@@ -122,11 +132,12 @@ class FeatureSpace:
             raise ValueError(f"FeatureSpace: needs at least 2 objects to fit, got {len(latents)}")
         zc, zs = _robust(latents)
         sc, ss = _robust(statistics)
-        joined = _join(latents, statistics, zc, zs, sc, ss)
+        zm, zb, zsp = _half_whitening(np.nan_to_num((latents - zc) / zs))
+        joined = _join(latents, statistics, zc, zs, sc, ss, zm, zb, zsp)
         mean = joined.mean(axis=0)
         _, sv, vt = np.linalg.svd(joined - mean, full_matrices=False)
         k = max(1, min(MAX_COMPONENTS, len(vt)))
-        return cls(zc, zs, sc, ss, mean, vt[:k])
+        return cls(zc, zs, sc, ss, mean, vt[:k], zm, zb, zsp)
 
     def transform(self, latents: np.ndarray, statistics: np.ndarray) -> np.ndarray:
         """Features ``(N, k)`` of objects given their latents ``(N, D)`` and statistics ``(N, S)``."""
@@ -134,11 +145,12 @@ class FeatureSpace:
         if latents.shape[1] != len(self.z_centre) or statistics.shape[1] != len(self.s_centre):
             raise ValueError(f"FeatureSpace: fitted on {len(self.z_centre)} latents and {len(self.s_centre)} statistics, "
                              f"got {latents.shape[1]} and {statistics.shape[1]}; refit it for this detector")
-        joined = _join(latents, statistics, self.z_centre, self.z_scale, self.s_centre, self.s_scale)
+        joined = _join(latents, statistics, self.z_centre, self.z_scale, self.s_centre, self.s_scale,
+                       self.z_mean, self.z_basis, self.z_spread)
         return (joined - self.mean) @ self.components.T
 
     def state(self) -> dict[str, np.ndarray]:
-        return {f"fs_{k}": np.asarray(v) for k, v in self.__dict__.items()}
+        return {f"fs_{k}": np.asarray(v) for k, v in self.__dict__.items() if v is not None}
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> "FeatureSpace":
@@ -154,8 +166,24 @@ def _as_views(latents, statistics) -> tuple[np.ndarray, np.ndarray]:
     return latents, statistics
 
 
-def _join(latents, statistics, zc, zs, sc, ss) -> np.ndarray:
-    z = np.nan_to_num((latents - zc) / zs) / np.sqrt(max(latents.shape[1], 1))
+def _half_whitening(z: np.ndarray, floor: float = 1e-4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, principal axes, spreads) that half-whiten standardised latents ``(N, D)``: the scores
+    ``(z - mean) @ axes.T / spreads`` have variances proportional to the singular values ``s_i``
+    (not to ``s_i^2``), summing to 1; those below `floor` of the largest are dropped as numerical noise."""
+    mean = z.mean(axis=0)
+    _, s, vt = np.linalg.svd(z - mean, full_matrices=False)
+    if not len(s) or s[0] <= 0:
+        return mean, np.eye(z.shape[1])[:1], np.ones(1)
+    keep = s > floor * s[0]
+    rel = s[keep] / s[0]
+    # score_i / s_i has variance 1 / n; times sqrt(n * rel_i / sum(rel)): variance rel_i / sum(rel)
+    spread = s[keep] / np.sqrt(len(z) * rel / rel.sum())
+    return mean, vt[keep], spread
+
+
+def _join(latents, statistics, zc, zs, sc, ss, zm=None, zb=None, zsp=None) -> np.ndarray:
+    z = np.nan_to_num((latents - zc) / zs)
+    z = z / np.sqrt(max(latents.shape[1], 1)) if zb is None else ((z - zm) @ zb.T) / zsp
     s = np.arcsinh(np.nan_to_num((statistics - sc) / ss)) / np.sqrt(max(statistics.shape[1], 1))
     return np.concatenate([z, s], axis=1)
 

@@ -42,6 +42,24 @@ def test_feature_space_is_robust_to_units_and_round_trips():
         fs.transform(z[:, :5], s)
 
 
+def test_feature_space_half_whitens_the_latents_and_reads_older_states():
+    from gsafe_models.relevance import _half_whitening
+
+    rng = np.random.default_rng(3)
+    # variances 10^4 : 1 along two directions -> 100 : 1 after half-whitening, summing to 1
+    z = rng.normal(size=(4000, 2)) * [100.0, 1.0] @ np.array([[0.6, 0.8], [-0.8, 0.6]])
+    mean, axes, spread = _half_whitening(z)
+    v = (((z - mean) @ axes.T) / spread).var(axis=0)
+    np.testing.assert_allclose(v.sum(), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(v[0] / v[1], 100.0, rtol=0.1)
+    # a space saved before the half-whitening (no z_* entries) transforms as it did then
+    s = rng.normal(size=(4000, 2))
+    fs = FeatureSpace.fit(z, s)
+    old = FeatureSpace.from_state({k: v for k, v in fs.state().items() if not k.startswith(("fs_z_mean", "fs_z_basis", "fs_z_spread"))})
+    assert old.z_basis is None and old.transform(z[:5], s[:5]).shape == (5, fs.components.shape[0])
+    np.testing.assert_array_equal(FeatureSpace.from_state(fs.state()).transform(z, s), fs.transform(z, s))
+
+
 def test_feature_space_weighs_latents_and_statistics_alike():
     rng = np.random.default_rng(2)
     # 30 latents of noise, 1 statistic that separates two populations: the statistic must still show
