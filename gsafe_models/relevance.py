@@ -95,9 +95,9 @@ class FeatureSpace:
 
     Latents ``(N, D)`` are robustly standardised (median, normal-consistent MAD), then
     half-whitened: their principal components get spreads the square roots of their singular
-    values (as :func:`gsafe_models.explain.whiten`), because an autoencoder's latents can hold
-    nearly all their variance along one direction (99.99 % for the demo's model: a change of
-    brightness), and an isotropic kernel would then see that direction alone. This was decided
+    values (:func:`gsafe_models.explain.whiten` with power 0.5), because an autoencoder's
+    latents can hold nearly all their variance along one direction (99.99 % for the demo's
+    model), and an isotropic kernel would then see that direction alone. This was decided
     from that label-free measurement, before bench/active.py was run with it. Statistics
     ``(N, S)`` are robustly standardised too, then passed through ``asinh`` because their tails are
     the anomalies and would otherwise decide every distance alone. Each view is scaled to unit

@@ -92,7 +92,7 @@ def build_cards(store: SurveyStore, det, cols: dict[str, np.ndarray], rows: np.n
     z_top = det.encode(images)
     neigh_idx = None
     if len(bank) >= N_NEIGHBOURS:
-        # in half-whitened latents, as the latent map: raw latents can be ordered by one direction alone
+        # in partly whitened latents, as the latent map: raw latents can be ordered by one direction alone
         w = ex.whiten(np.concatenate([z_bank, z_top]).astype(np.float64))
         w_bank, w_top = w[: len(z_bank)], w[len(z_bank):]
         neigh_idx, _ = ex.nearest_neighbours(torch.as_tensor(w_top), torch.as_tensor(w_bank), N_NEIGHBOURS)
