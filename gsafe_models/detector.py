@@ -606,16 +606,13 @@ def _sample_data(bundle: _Bundle, sample: np.ndarray, variance: np.ndarray | Non
     r"""The normalised sample the sample parts are fitted on: `x`, `mask`, `x_hat` :math:`(n, B, H, W)`,
     and `variance`, the raw pixel variances, when given."""
 
-    xs, masks, hats, known = [], [], [], []
+    xs, masks, hats = [], [], []
     for i in range(0, len(sample), _CHUNK):
-        raw = torch.as_tensor(np.asarray(sample[i : i + _CHUNK], np.float32)).to(device)
-        x, m = bundle.normaliser(raw)
+        x, m = bundle.normaliser(torch.as_tensor(np.asarray(sample[i : i + _CHUNK], np.float32)).to(device))
         xs.append(x), masks.append(m), hats.append(bundle.net.decode(bundle.net.encode(x, m)))
-        if variance is not None:
-            known.append(torch.as_tensor(np.asarray(variance[i : i + _CHUNK], np.float32)).to(device))
     data = {"x": torch.cat(xs), "mask": torch.cat(masks), "x_hat": torch.cat(hats)}
-    if known:
-        data["variance"] = torch.cat(known)
+    if variance is not None:
+        data["variance"] = torch.as_tensor(np.asarray(variance, np.float32)).to(device)
     return data
 
 

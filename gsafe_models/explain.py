@@ -40,6 +40,7 @@ __all__ = [
     "nearest_neighbours",
     "latent_map",
     "whiten",
+    "whitening",
     "explain",
 ]
 
@@ -691,10 +692,32 @@ def nearest_neighbours(z_query: Tensor, z_bank: Tensor, k: int, block: int = 409
 LATENT_MAPS: tuple[str, ...] = ("tsne", "umap", "pca")
 
 
+def whitening(z: np.ndarray, power: float = 0.25, floor: float = 1e-4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Returns `(mean, axes, divisors)`, the principal axes ``(k, D)`` of latents ``(n, D)`` and
+    divisors ``(k,)`` such that ``((z - mean) @ axes.T) / divisors`` has spreads
+    :math:`(s_i / s_0)^{power}` (:math:`s` the singular values; the first has unit spread;
+    0: whitened, 1: as they are); components whose singular value is below `floor` times the
+    largest are dropped as numerical noise (one is kept).
+
+    Example:
+        >>> mean, axes, div = whitening(np.random.default_rng(0).normal(size=(100, 3)))
+        >>> axes.shape, div.shape
+        ((3, 3), (3,))
+    """
+
+    z = np.asarray(z, np.float64)
+    mean = z.mean(axis=0)
+    _, s, vt = np.linalg.svd(z - mean, full_matrices=False)
+    if not len(s) or s[0] <= 0:
+        return mean, np.eye(z.shape[1])[:1], np.ones(1)
+    keep = s > floor * s[0]
+    # a score u_i s_i has spread s_i / sqrt(n); divided by this, its spread is (s_i / s_0) ** power
+    return mean, vt[keep], s[keep] / np.sqrt(len(z)) / (s[keep] / s[0]) ** power
+
+
 def whiten(z: np.ndarray, power: float = 0.25, floor: float = 1e-4) -> np.ndarray:
     r"""Latents ``(n, D)`` as principal-component scores whose spreads are the singular values to
-    the `power` (0: whitened, 1: as they are), float64, at least two columns; components whose
-    singular value is below `floor` times the largest are dropped as numerical noise.
+    the `power` (see :func:`whitening`), float64, at least two columns.
 
     Example:
         >>> z = np.random.default_rng(0).normal(size=(500, 2)) * [100.0, 1.0]
@@ -703,10 +726,8 @@ def whiten(z: np.ndarray, power: float = 0.25, floor: float = 1e-4) -> np.ndarra
         0.3
     """
 
-    centred = np.asarray(z, np.float64) - np.mean(z, axis=0)
-    u, s, _ = np.linalg.svd(centred, full_matrices=False)
-    keep = s > floor * s[0] if s[0] > 0 else np.arange(len(s)) < 1
-    out = u[:, keep] * (s[keep] / s[0]) ** power * np.sqrt(len(centred)) if s[0] > 0 else u[:, keep]
+    mean, axes, divisors = whitening(z, power, floor)
+    out = ((np.asarray(z, np.float64) - mean) @ axes.T) / divisors
     return np.pad(out, ((0, 0), (0, max(0, 2 - out.shape[1]))))
 
 

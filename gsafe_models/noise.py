@@ -84,15 +84,14 @@ class ResidualNoise(nn.Module):
         self.register_buffer("centres", torch.zeros(bands, bins))
         self.register_buffer("loc", torch.zeros(bands, bins))
         self.register_buffer("log_scale", torch.zeros(bands, bins))
-        self._known_buffers()
+        for name, value in self._unknown().items():  # whether fitted with a known variance, and its typical value
+            self.register_buffer(name, value)
 
-    def _known_buffers(self) -> None:
-        self.register_buffer("known", torch.tensor(False))  # fitted with a known variance
-        self.register_buffer("known_typical", torch.zeros(self.bands, self.bins))
+    def _unknown(self) -> dict[str, Tensor]:
+        return {"known": torch.tensor(False), "known_typical": torch.zeros(self.bands, self.bins)}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # models saved before the known-variance terms: fitted without one
-        for name, value in (("known", torch.tensor(False)), ("known_typical", torch.zeros(self.bands, self.bins))):
+        for name, value in self._unknown().items():  # saved before the known-variance terms: fitted without
             state_dict.setdefault(prefix + name, value)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -166,19 +166,15 @@ def _as_views(latents, statistics) -> tuple[np.ndarray, np.ndarray]:
     return latents, statistics
 
 
-def _half_whitening(z: np.ndarray, floor: float = 1e-4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, principal axes, spreads) that half-whiten standardised latents ``(N, D)``: the scores
-    ``(z - mean) @ axes.T / spreads`` have variances proportional to the singular values ``s_i``
-    (not to ``s_i^2``), summing to 1; those below `floor` of the largest are dropped as numerical noise."""
-    mean = z.mean(axis=0)
-    _, s, vt = np.linalg.svd(z - mean, full_matrices=False)
-    if not len(s) or s[0] <= 0:
-        return mean, np.eye(z.shape[1])[:1], np.ones(1)
-    keep = s > floor * s[0]
-    rel = s[keep] / s[0]
-    # score_i / s_i has variance 1 / n; times sqrt(n * rel_i / sum(rel)): variance rel_i / sum(rel)
-    spread = s[keep] / np.sqrt(len(z) * rel / rel.sum())
-    return mean, vt[keep], spread
+def _half_whitening(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, principal axes, divisors) that half-whiten standardised latents ``(N, D)``
+    (:func:`~gsafe_models.explain.whitening` with power 0.5): the scores ``(z - mean) @ axes.T /
+    divisors`` have variances proportional to the singular values (not their squares), summing to 1."""
+    from .explain import whitening
+
+    mean, axes, divisors = whitening(z, power=0.5)
+    total = np.sum((divisors / divisors[0]) ** 2)  # the variances before scaling: s_i / s_0
+    return mean, axes, divisors * np.sqrt(total)
 
 
 def _join(latents, statistics, zc, zs, sc, ss, zm=None, zb=None, zsp=None) -> np.ndarray:
