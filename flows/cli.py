@@ -175,13 +175,6 @@ def _guarded(fn, *args, **kwargs):
               EXIT_RUNTIME)
 
 
-def _prestart(s: Settings) -> None:
-    """Start the Prefect server in the background while the command imports its flows."""
-    from infra.runtime import prestart_prefect_server
-
-    prestart_prefect_server(s)
-
-
 def _run(fn, *args, **kwargs):
     """Run a flow with one Prefect server for this process and its workers; errors without tracebacks."""
     from infra.runtime import ensure_prefect_server, flow_context
@@ -282,7 +275,6 @@ def ingest(source: str = typer.Argument(..., help="a directory of FITS cutouts, 
     bits = None if mask_bits is None else tuple(x.strip() for x in mask_bits.split(",") if x.strip())
     s = _setup(home, verbose, as_json, config, chunk_size=chunk_size, max_missing_frac=max_missing, objid_key=objid_key,
                mask_bits=bits, ingest_workers=workers)
-    _prestart(s)
     from flows.ingest import ingest_flow
 
     r = _run(ingest_flow, source, store, _settings_dict(s), catalog=catalog, labels=labels)
@@ -307,7 +299,6 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
     """Train a Detector (representation + latent densities + calibrated combined test) on a store,
     log the run to MLflow and register the Detector as a new model version."""
     s = _setup(home, verbose, as_json, config)
-    _prestart(s)
     from flows.train import train_flow
     from infra.store import SurveyStore
 
@@ -330,7 +321,6 @@ def score(store: str = STORE,
     """A reprocessing campaign: score every object of a store, chunk-parallel on Dask. Killed and
     restarted, it redoes only unfinished chunks; run alongside an ingest, it scores what is committed."""
     s = _setup(home, verbose, as_json, config, dask_address=dask_address, n_workers=workers)
-    _prestart(s)
     from flows.score import run_campaign
     from infra.safe_output import write_table
     from infra.store import SurveyStore
@@ -365,7 +355,6 @@ def explain(store: str = STORE,
     """Write the anomaly gallery of the top-k objects: colour composite, reconstruction, residual,
     attribution map, statistics, p/q-values, neighbours, latent map (HTML + PNG + CSV/Parquet)."""
     s = _setup(home, verbose, as_json, config)
-    _prestart(s)
     from flows.explain import explain_flow
 
     ref = _resolve(s, model, store)
@@ -384,7 +373,6 @@ def promote(model: str = typer.Option(..., "--model", parser=_model_name, help="
     """Score challenger and champion on the same validation store; move alias 'champion' to the
     challenger only if it detects at least as well and stays calibrated. Decision recorded as tags."""
     s = _setup(home, verbose, as_json, config, dask_address=dask_address, n_workers=workers)
-    _prestart(s)
     from flows.promote import promote_flow
 
     _resolve(s, f"{model}@challenger", validation)
@@ -406,7 +394,6 @@ def hunt(store: str = STORE,
     """Ingest new files, score only what is new, write the FDR-controlled candidate list and the gallery;
     test the new objects for drift (an alarm when they are unlike the calibration data)."""
     s = _setup(home, verbose, as_json, config, dask_address=dask_address, n_workers=workers)
-    _prestart(s)
     from flows.hunt import hunt_flow
     from infra.store import SurveyStore
 
@@ -455,7 +442,6 @@ def demo(out: Path = typer.Option(Path("demo_out"), "--out", help="where the sur
          as_json: bool = JSON):
     """The whole hunt on a simulated survey: simulate → ingest → train → score → AUROC → gallery."""
     s = _setup(home or out / ".gsafe", verbose, as_json, config)
-    _prestart(s)
     from flows.demo import demo_flow
 
     t0 = time.perf_counter()

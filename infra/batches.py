@@ -56,13 +56,8 @@ class StoreBatches:
 
     def __call__(self) -> Iterator[np.ndarray | tuple[np.ndarray, np.ndarray]]:
         store = SurveyStore.open(self.store_url)
-        if self.variance and "variance" in store.aux_names:
-            yield from self._pairs(store)
-            return
-        for images, _ in self._pairs(store, variance=False):
-            yield images
-
-    def _pairs(self, store: SurveyStore, variance: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        pairs = self.variance and "variance" in store.aux_names
+        B = len(store.bands)
         cs = store.chunk_size
         rng = np.random.default_rng([self.seed, self._epoch])
         self._epoch += 1
@@ -70,26 +65,24 @@ class StoreBatches:
         if self.shuffle:
             chunks = rng.permutation(chunks)
         buf: list[np.ndarray] = []
-        vbuf: list[np.ndarray] = []
         held = 0
         for c in chunks:
             sel = self.rows[self.rows // cs == c] - c * cs
             block = store.read_images(int(c) * cs, int(c + 1) * cs)[sel]
-            vblock = store.read_variance(int(c) * cs, int(c + 1) * cs)[sel] if variance else None
+            if pairs:  # variances ride along as extra channels, so every permutation keeps them aligned
+                block = np.concatenate([block, store.read_variance(int(c) * cs, int(c + 1) * cs)[sel]], axis=1)
             if self.shuffle:
-                order = rng.permutation(len(block))
-                block = block[order]
-                vblock = None if vblock is None else vblock[order]
+                block = block[rng.permutation(len(block))]
             buf.append(block)
-            if vblock is not None:
-                vbuf.append(vblock)
             held += len(block)
             while held >= self.batch_size:
                 cat = np.concatenate(buf)
-                vcat = np.concatenate(vbuf) if vbuf else None
-                yield cat[: self.batch_size], None if vcat is None else vcat[: self.batch_size]
+                yield self._out(cat[: self.batch_size], B, pairs)
                 rest = cat[self.batch_size:]
                 buf, held = ([rest] if len(rest) else []), len(rest)
-                vbuf = [vcat[self.batch_size:]] if vcat is not None and len(rest) else []
         if held:
-            yield np.concatenate(buf), np.concatenate(vbuf) if vbuf else None
+            yield self._out(np.concatenate(buf), B, pairs)
+
+    @staticmethod
+    def _out(batch: np.ndarray, bands: int, pairs: bool) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        return (batch[:, :bands], batch[:, bands:]) if pairs else batch

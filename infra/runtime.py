@@ -12,19 +12,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from typing import Iterator
 
 import dask
 
 from infra.settings import Settings
 
-__all__ = ["configure_environment", "prestart_prefect_server", "ensure_prefect_server", "flow_context", "task_runner",
+__all__ = ["configure_environment", "ensure_prefect_server", "flow_context", "task_runner",
            "gpu_count", "worker_threads"]
 
 log = logging.getLogger("gsafe.runtime")
 _server = None
-_starting: dict = {}  # the background start of prestart_prefect_server: its thread, and its error if any
 
 
 def configure_environment(settings: Settings) -> None:
@@ -62,44 +60,16 @@ def configure_environment(settings: Settings) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if settings.verbose else logging.ERROR)
 
 
-def _start_server() -> None:
-    global _server
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start(timeout=120)  # Prefect's 20 s default is too short on a busy 2-core machine
-    _server = server
-
-
-def prestart_prefect_server(settings: Settings) -> None:
-    """Start the Prefect API server in the background, unless one is set: a first start migrates
-    a new database (~20 s on 2 cores, ~8 s after), which then overlaps the caller's imports of
-    torch, MLflow and the flows (~6 s). :func:`ensure_prefect_server` waits for it."""
-    if os.environ.get("PREFECT_API_URL") or _server is not None or _starting:
-        return
-
-    def start() -> None:
-        try:
-            _start_server()
-        except BaseException as e:  # re-raised by ensure_prefect_server, in the caller's thread
-            _starting["error"] = e
-
-    _starting["thread"] = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    _starting["thread"].start()
-
-
 def ensure_prefect_server(settings: Settings) -> str:
     """Start one Prefect API server for this process and its Dask workers, unless one is set."""
+    global _server
     url = os.environ.get("PREFECT_API_URL")
     if url:
         return url
-    if _starting:
-        _starting.pop("thread").join()
-        error = _starting.pop("error", None)
-        if error is not None:
-            raise error
-    if _server is None:
-        _start_server()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    _server = SubprocessASGIServer()
+    _server.start(timeout=120)  # Prefect's 20 s default is too short on a busy 2-core machine
     os.environ["PREFECT_API_URL"] = _server.api_url
     return _server.api_url
 
