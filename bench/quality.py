@@ -56,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--test-anomalies", type=float, default=0.15, help="share of anomalies in the test survey")
     p.add_argument("--size", type=int, default=64, help="cutout side H = W, pixels")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: DetectorConfig's)")
+    p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="DetectorConfig fields to set for the fitted detector, e.g. contrastive=0.05 (a number, "
+                        "or a string); cached separately")
     p.add_argument("--rules", nargs="+", default=list(RULES), help="combination rules to compare")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     p.add_argument("--pca", type=int, default=32, help="PCA components of the peers")
@@ -88,12 +91,33 @@ def simulate(where, settings, args, seed: int) -> tuple[str, str]:
     return train, test
 
 
+def config_overrides(args) -> dict:
+    """`--config FIELD=VALUE` as DetectorConfig overrides (numbers parsed, else strings)."""
+    from gsafe_models.detector import DetectorConfig
+
+    fields = {f.name for f in dataclasses.fields(DetectorConfig)}
+    out = {}
+    for item in getattr(args, "config", []) or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"quality: --config {item!r}: expected FIELD=VALUE with FIELD among {sorted(fields)}")
+        try:
+            out[key] = float(value) if any(c in value for c in ".e") else int(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def config_tag(args) -> str:
+    return "".join(f"_{k}{v}" for k, v in sorted(config_overrides(args).items()))
+
+
 def fit_detector(train_url: str, settings, args, seed: int, where):
     """The Detector as `gsafe train` fits it (same split, same streaming), with every statistic."""
     from gsafe_models.detector import STATISTICS, Detector, DetectorConfig
     from tasks.train import fit_detector_task
 
-    path = where / f"detector{seed}_{args.train}_{args.epochs}.bin"
+    path = where / f"detector{seed}_{args.train}_{args.epochs}{config_tag(args)}.bin"
     if path.exists():
         det = Detector.from_bytes(path.read_bytes())
         if set(STATISTICS) <= set(det.statistic_names):
@@ -108,7 +132,7 @@ def fit_detector(train_url: str, settings, args, seed: int, where):
                                 StoreBatches(train_url, split["calib"], config.batch_size), config=config, bands=det.bands)
         path.write_bytes(det.to_bytes())
         return det, None
-    overrides = {"seed": seed, "statistics": STATISTICS} | ({"epochs": args.epochs} if args.epochs else {})
+    overrides = {"seed": seed, "statistics": STATISTICS} | ({"epochs": args.epochs} if args.epochs else {}) | config_overrides(args)
     with Timer() as t:
         payload = fit_detector_task.fn(train_url, dataclasses.asdict(DetectorConfig(**overrides)), settings.model_dump(mode="json"))
     path.write_bytes(payload)
@@ -283,7 +307,7 @@ def run_seed(seed: int, args, home, where) -> dict:
     split = store_splits(train_url)
     tcat = test.read_catalog(["label", "anomaly_class"])
     labels, classes = np.asarray(tcat["label"]).astype(int), np.asarray(tcat["anomaly_class"]).astype(str)
-    cached = where / f"statistics{seed}_{args.train}_{args.epochs}.npz"
+    cached = where / f"statistics{seed}_{args.train}_{args.epochs}{config_tag(args)}.npz"
     if cached.exists() and list(np.load(cached)["names"]) == names:
         with np.load(cached) as z:
             S = {k[2:]: z[k] for k in z.files if k.startswith("S:")}

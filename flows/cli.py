@@ -291,6 +291,7 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
           optimizer: Optional[str] = typer.Option(None, "--optimizer", parser=_optimizer, help="how the representation is trained: adam (default) or langevin (constrained Langevin dynamics; see bench/robustness.py)"),
           latent_dim: Optional[int] = typer.Option(None, "--latent-dim", min=1, help="size of the latent space (default 32)"),
           beta: Optional[float] = typer.Option(None, "--beta", min=0.0, help="VAE β: weight of the KL term (default 1)"),
+          contrastive: Optional[float] = typer.Option(None, "--contrastive", min=0.0, help="weight of a SimCLR term on the autoencoder's latents (rotations, flips, shifts, noise redraws of each cutout; default 0: a plain autoencoder; see BENCHMARKS.md)"),
           statistics: Optional[str] = typer.Option(None, "--statistics", parser=_statistics, help="comma-separated score statistics, among the Detector's (an unknown one lists them; default: chi_chromatic_pca, patch_peak, morphometry, chi_core_pca, chosen on synthetic perturbations of normal objects, see BENCHMARKS.md)"),
           combination: Optional[str] = typer.Option(None, "--combination", parser=_combination, help="rule combining the statistics' p-values: simes (default), bonferroni, fisher, stouffer, cauchy, dose... (an unknown one lists them)"),
           calibration_trim: Optional[float] = typer.Option(None, "--calibration-trim", min=0.0, max=0.5, help="largest share of calibration values that may be dropped as outliers (the anomalies a 'normal' set holds; default 0.05, 0 keeps all)"),
@@ -303,7 +304,7 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
     from infra.store import SurveyStore
 
     cfg = {"seed": seed, "epochs": epochs, "representation": representation, "optimizer": optimizer, "latent_dim": latent_dim,
-           "beta": beta, "combination": combination, "calibration_trim": calibration_trim, "statistics": statistics}
+           "beta": beta, "contrastive": contrastive, "combination": combination, "calibration_trim": calibration_trim, "statistics": statistics}
     cfg = {k: v for k, v in cfg.items() if v is not None}
     _guarded(SurveyStore.open, store)              # a missing store fails here, not after the server started
     r = _run(train_flow, store, model, cfg, _settings_dict(s))

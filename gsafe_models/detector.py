@@ -77,6 +77,9 @@ class DetectorConfig:
         optimizer: How the autoencoder / VAE is trained: `"adam"` or `"langevin"` (constrained
             Langevin dynamics, :class:`~gsafe_models.langevin.ConstrainedLangevin`; see
             `bench/robustness.py`).
+        contrastive: Weight of a SimCLR term on the autoencoder's latents (:func:`~gsafe_models.nets.nt_xent`
+            between two :func:`~gsafe_models.nets.astro_view` views of each cutout); 0 = a plain
+            autoencoder. See `bench/quality.py --config contrastive=...` and BENCHMARKS.md.
     """
 
     representation: str = "ae"
@@ -104,6 +107,7 @@ class DetectorConfig:
     chi_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
     noise_bins: int = 16
     optimizer: str = "adam"
+    contrastive: float = 0.0
 
     def __post_init__(self) -> None:
         self.statistics = tuple(self.statistics)
@@ -119,6 +123,10 @@ class DetectorConfig:
             raise ValueError(f"DetectorConfig: representation={self.representation!r}, expected one of {REPRESENTATIONS}")
         if self.optimizer not in ("adam", "langevin"):
             raise ValueError(f"DetectorConfig: optimizer={self.optimizer!r}, expected one of ('adam', 'langevin')")
+        if not self.contrastive >= 0:
+            raise ValueError(f"DetectorConfig: contrastive={self.contrastive} must be >= 0 (0 = a plain autoencoder)")
+        if self.contrastive > 0 and self.representation != "ae":
+            raise ValueError(f"DetectorConfig: contrastive={self.contrastive} needs representation='ae', got {self.representation!r}")
         if self.combination not in COMBINATIONS:
             raise ValueError(f"DetectorConfig: combination={self.combination!r}, expected one of {COMBINATIONS}")
 
@@ -308,7 +316,7 @@ class Detector:
             if config.representation == "vae":
                 net = VAE(shape, config.latent_dim, config.beta, config.channels)
             else:
-                net = AutoEncoder(shape, config.latent_dim, config.channels)
+                net = AutoEncoder(shape, config.latent_dim, config.channels, contrastive=config.contrastive)
             history = fit_representation(
                 net, normaliser, train, val,
                 epochs=config.epochs, lr=config.lr, device=device, seed=config.seed,

@@ -1,6 +1,8 @@
 r"""Convolutional representations of cutouts: one encoder/decoder family for an autoencoder and a VAE."""
 
 __all__ = [
+    "astro_view",
+    "nt_xent",
     "Encoder",
     "Decoder",
     "AutoEncoder",
@@ -187,18 +189,87 @@ class AutoEncoder(_Representation):
 
     kind = "ae"
 
-    def __init__(self, shape: tuple[int, int, int], latent_dim: int = 32, channels: tuple[int, ...] = (8, 16, 32, 64)) -> None:
+    def __init__(self, shape: tuple[int, int, int], latent_dim: int = 32, channels: tuple[int, ...] = (8, 16, 32, 64),
+                 contrastive: float = 0.0, temperature: float = 0.5) -> None:
         super().__init__(shape, latent_dim, channels, latent_dim)
+        self.contrastive = float(contrastive)
+        self.temperature = float(temperature)
+        # SimCLR's projection head (only trained, never scored): z -> h, where the contrastive loss acts
+        self.projection = nn.Sequential(nn.Linear(latent_dim, latent_dim), nn.ReLU(), nn.Linear(latent_dim, latent_dim)) \
+            if self.contrastive > 0 else None
+
+    def config(self) -> dict:
+        out = super().config()
+        if self.contrastive > 0:
+            out |= {"contrastive": self.contrastive, "temperature": self.temperature}
+        return out
 
     def encode(self, x: Tensor, mask: Tensor) -> Tensor:
         return self.encoder(x, mask)
 
     def loss(self, x: Tensor, mask: Tensor) -> tuple[Tensor, dict[str, float]]:
-        r"""Returns the training loss (masked mean squared error) and its parts."""
+        r"""Returns the training loss (masked mean squared error, plus the weighted contrastive term
+        when `contrastive` > 0) and its parts."""
 
         x_hat, _ = self(x, mask)
         mse = masked_mse(x, x_hat, mask)
-        return mse, {"mse": mse.item()}
+        if self.contrastive <= 0 or len(x) < 2:
+            return mse, {"mse": mse.item()}
+        (v1, m1), (v2, m2) = astro_view(x, mask), astro_view(x, mask)
+        h1, h2 = self.projection(self.encode(v1, m1)), self.projection(self.encode(v2, m2))
+        nce = nt_xent(h1, h2, self.temperature)
+        return mse + self.contrastive * nce, {"mse": mse.item(), "nt_xent": nce.item()}
+
+
+def astro_view(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    r"""One random view of a batch of normalised cutouts for contrastive learning: a random rotation
+    by a multiple of 90° and flip (the sky has no preferred orientation), a shift of up to 2 pixels
+    (centroiding error), and a noise redraw (Gaussian noise with each cutout's own per-band background
+    scatter, the median absolute deviation of its border pixels): what changes between two exposures
+    of one object, not the object (Hayat et al. 2021, who add PSF blur and extinction).
+
+    References:
+        | Self-supervised Representation Learning for Astronomical Images (Hayat et al., 2021)
+        | https://arxiv.org/abs/2012.13083
+
+    Example:
+        >>> v, m = astro_view(torch.randn(4, 3, 16, 16), torch.ones(4, 3, 16, 16))
+        >>> v.shape, m.shape
+        (torch.Size([4, 3, 16, 16]), torch.Size([4, 3, 16, 16]))
+    """
+
+    k = int(torch.randint(0, 4, (1,)))
+    x, mask = torch.rot90(x, k, (-2, -1)), torch.rot90(mask, k, (-2, -1))
+    if bool(torch.randint(0, 2, (1,))):
+        x, mask = x.flip(-1), mask.flip(-1)
+    dy, dx = (int(d) for d in torch.randint(-2, 3, (2,)))
+    x, mask = torch.roll(x, (dy, dx), (-2, -1)), torch.roll(mask, (dy, dx), (-2, -1))
+    border = torch.cat([x[..., :2, :].flatten(-2), x[..., -2:, :].flatten(-2), x[..., :, :2].flatten(-2),
+                        x[..., :, -2:].flatten(-2)], dim=-1)
+    scatter = 1.4826 * (border - border.median(-1, keepdim=True).values).abs().median(-1).values
+    return (x + torch.randn_like(x) * scatter[..., None, None]) * mask, mask
+
+
+def nt_xent(h1: Tensor, h2: Tensor, temperature: float = 0.5) -> Tensor:
+    r"""SimCLR's normalised temperature-scaled cross-entropy between two views ``(N, D)`` of N objects:
+    each view must pick its partner among the other 2N - 2 (Chen et al. 2020).
+
+    References:
+        | A Simple Framework for Contrastive Learning of Visual Representations (Chen et al., 2020)
+        | https://arxiv.org/abs/2002.05709
+
+    Example:
+        >>> h = torch.randn(8, 4)
+        >>> bool(nt_xent(h, h) < nt_xent(h, torch.randn(8, 4)))
+        True
+    """
+
+    n = len(h1)
+    h = nn.functional.normalize(torch.cat([h1, h2]).float(), dim=1)
+    sim = h @ h.T / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=h.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(h.device)
+    return nn.functional.cross_entropy(sim, target)
 
 
 class VAE(_Representation):

@@ -160,6 +160,14 @@ def test_vae_detector_fits_and_round_trips(survey):
     np.testing.assert_array_equal(det.score(x)["score"], Detector.from_bytes(det.to_bytes()).score(x)["score"])
 
 
+def test_config_rejects_a_contrastive_term_it_cannot_apply():
+    with pytest.raises(ValueError, match="needs representation='ae'"):
+        DetectorConfig(representation="vae", contrastive=0.1)
+    with pytest.raises(ValueError, match=">= 0"):
+        DetectorConfig(contrastive=-1.0)
+    assert DetectorConfig(contrastive=0.1).contrastive == 0.1
+
+
 def test_config_rejects_unknown_statistics():
     with pytest.raises(ValueError, match="unknown"):
         DetectorConfig(statistics=("G", "magic"))
