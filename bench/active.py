@@ -16,7 +16,8 @@ What it does, per seed, under a temporary GSAFE_HOME:
 
    - **blind**: the p-value order (ties by score), no learning;
    - **gsafe**: `gsafe_models.relevance.plan_review` over the review pool (the 500 most anomalous by
-     p-value, as `gsafe review`: GP relevance, UCB query, one representative per group first); an
+     p-value, as `gsafe review`: GP relevance, UCB query, one representative per group first, the
+     groups found on the statistics and the residual descriptors, `grouping_space`); an
      artefact label on a group's representative suppresses the group, as
      Shift+A does in `gsafe review` (suppressed objects are not viewed, and count as missed if any
      was interesting; the table says how many artefacts and other objects were set aside);
@@ -133,7 +134,7 @@ def survey(home, seed: int, args) -> dict:
     """Scores, latents, statistics and classes of seed `seed`'s survey (from `--cache` when there)."""
     from pathlib import Path
 
-    cached = Path(args.cache) / f"active-{seed}-{args.n}-{args.anomaly_frac}-{args.size}-{args.epochs}.npz" if args.cache else None
+    cached = Path(args.cache) / f"active2-{seed}-{args.n}-{args.anomaly_frac}-{args.size}-{args.epochs}.npz" if args.cache else None
     if cached is not None and cached.exists():
         with np.load(cached, allow_pickle=False) as z:
             print(f"seed {seed}: scores and features from {cached}")
@@ -165,12 +166,13 @@ def _survey(home, seed: int, args) -> dict:
     with Timer() as t_score:
         out = det.score(images)
         z = det.encode(images)
+        described = det.describe(images)
     cat = store.read_catalog(["anomaly_class"])
     stats = np.stack([out[f"stat_{s}"] for s in det.statistic_names], axis=1)
     print(f"seed {seed}: {args.n} cutouts simulated in {t_sim.seconds:.0f} s, detector fitted in {t_fit.seconds:.0f} s "
           f"({len(det.history)} epochs), scored and encoded in {t_score.seconds:.0f} s; "
           f"{int((out['q_value'] <= 0.1).sum())} objects at q <= 0.1")
-    return {"p": out["p_value"], "q": out["q_value"], "score": out["score"], "z": z, "stats": stats,
+    return {"p": out["p_value"], "q": out["q_value"], "score": out["score"], "z": z, "stats": stats, "D": described,
             "classes": np.asarray(cat["anomaly_class"]).astype(str)}
 
 
@@ -178,13 +180,14 @@ def blind_order(s: dict) -> np.ndarray:
     return np.lexsort((-np.nan_to_num(s["score"], nan=-np.inf), np.nan_to_num(s["p"], nan=np.inf)))
 
 
-def features(s: dict, pool: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """Features of every object (fitted on the pool) and the pool's indices."""
-    from gsafe_models.relevance import FeatureSpace
+def features(s: dict, pool: int = 500) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features of every object (fitted on the pool), the pool's indices, and the pool's grouping
+    features (`grouping_space`: statistics and residual descriptors), as `gsafe review` has them."""
+    from gsafe_models.relevance import FeatureSpace, grouping_space
 
     top = blind_order(s)[:pool]
     fs = FeatureSpace.fit(s["z"][top], s["stats"][top])
-    return fs.transform(s["z"], s["stats"]), top
+    return fs.transform(s["z"], s["stats"]), top, grouping_space(s["stats"][top], s["D"][top])
 
 
 # ---- the loops ------------------------------------------------------------------------------------
@@ -193,12 +196,12 @@ def run_blind(s, oracle, args) -> tuple[np.ndarray, int]:
     return oracle.is_interesting()[shown], "-"
 
 
-def run_gsafe(s, oracle, X, pool, args) -> tuple[np.ndarray, int]:
+def run_gsafe(s, oracle, X, pool, args, G) -> tuple[np.ndarray, str]:
     """gsafe's loop, as `gsafe review` runs it: over the review pool (the 500 most anomalous by p-value)."""
     from gsafe_models.relevance import group_candidates, plan_review, relevance_target
 
     P = len(pool)
-    groups = group_candidates(X[pool])
+    groups = group_candidates(G)
     labelled, targets = np.zeros(P, bool), np.zeros(P)
     suppressed: list[int] = []
     suppressed_objects = np.zeros(P, bool)
@@ -290,12 +293,12 @@ def run_protege(s, oracle, X, args) -> tuple[np.ndarray, int]:
     return _user_rounds(oracle, args, blind_order(s), reorder), "-"   # cold start: the anomaly order
 
 
-def diverse_top(s, oracle, X, pool, n_artefacts: int = 10) -> tuple[list[str], int]:
+def diverse_top(s, oracle, X, pool, G, n_artefacts: int = 10) -> tuple[list[str], int]:
     """Classes among the top 24 of gsafe's order after `n_artefacts` artefact labels (with their groups)."""
     from gsafe_models.relevance import group_candidates, plan_review
 
     P = len(pool)
-    groups = group_candidates(X[pool])
+    groups = group_candidates(G)
     labelled, targets = np.zeros(P, bool), np.zeros(P)
     suppressed: list[int] = []
     blind_top = [oracle.classes[i] or "normal" for i in blind_order(s)[:TOP]]
@@ -341,7 +344,7 @@ def main() -> None:
         for seed in args.seeds:
             with Timer() as t:
                 s = survey(home, seed, args)
-                X, pool = features(s)
+                X, pool, G = features(s)
             for oname, iset in (("default", interesting), ("astrophysical", astro)):
                 oracle = Oracle(s["classes"], iset, origin)
                 totals[(oname, seed)] = int(oracle.is_interesting().sum())
@@ -350,7 +353,7 @@ def main() -> None:
                         if m == "blind":
                             hits, k = run_blind(s, oracle, args)
                         elif m == "gsafe":
-                            hits, k = run_gsafe(s, oracle, X, pool, args)
+                            hits, k = run_gsafe(s, oracle, X, pool, args, G)
                         elif m == "astronomaly":
                             hits, k = run_astronomaly(s, oracle, X, args, seed)
                         else:
@@ -358,7 +361,7 @@ def main() -> None:
                         results[(oname, m, seed)], lost[(oname, m, seed)] = hits, k
                 print(f"seed {seed}, oracle {oname}: {totals[(oname, seed)]} interesting objects in the survey; "
                       f"four loops in {tl.seconds:.0f} s")
-            top, done = diverse_top(s, Oracle(s["classes"], interesting, origin), X, pool)
+            top, done = diverse_top(s, Oracle(s["classes"], interesting, origin), X, pool, G)
             diverse.append((seed, len(set(top) - {"normal"}), done))
             print(f"seed {seed} done in {t.seconds:.0f} s")
 

@@ -440,6 +440,28 @@ class Detector:
         return np.concatenate(out) if out else np.zeros((0, self._bundle.net.latent_dim), np.float32)
 
     @torch.no_grad()
+    def describe(self, images: np.ndarray, variance: np.ndarray | None = None) -> np.ndarray:
+        r"""Returns what kind of departure each raw cutout shows, :math:`(N, k)`: the multi-scale
+        :math:`\chi` features of its residual (largest :math:`|\chi|`, inside the central aperture,
+        mean :math:`\chi^2`, largest band-to-band difference, per smoothing scale), each in units of
+        its spread on normal objects. The PCA residual's where the detector fitted it, else the
+        autoencoder's; :math:`(N, 0)` where it fitted neither. The review groups look-alike
+        candidates on these and the statistics (:func:`~gsafe_models.relevance.grouping_space`).
+        """
+
+        for feature, null, stat in (("chi_pca", "chi_null_pca", "chi_core_pca"), ("chi", "chi_null", "chi_core")):
+            if self._bundle.fitted(stat):
+                break
+        else:
+            return np.zeros((len(images), 0))
+        c = self._bundle.parts[null]
+        out = []
+        for x, v in self._pairs(images, variance):
+            f = self._bundle.features(x, [stat], v)[feature].double()
+            out.append(((f - c.loc.to(f.device)) / c.scale.to(f.device)).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, 0))
+
+    @torch.no_grad()
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         r"""Returns the reconstructions of raw cutouts, :math:`(N, B, H, W)` float32 counts."""
 

@@ -61,7 +61,11 @@ class ReviewSession:
         latents = rv.pool_features(self.store, det, self.pool.rows)
         self.space = rel.FeatureSpace.fit(latents, self.pool.stats) if len(latents) >= 2 else None
         self.X = self.space.transform(latents, self.pool.stats) if self.space else np.zeros((len(latents), 1))
-        self.groups = rel.group_candidates(self.X)
+        # groups of look-alikes: on the kind of departure (statistics, residual descriptors), as rv.pool_groups
+        described = det.describe(self.store.read_rows(np.asarray(self.pool.rows, np.int64))) if len(latents) >= 2 else None
+        self.grouping = rel.grouping_fit(self.pool.stats, described) if described is not None else None
+        self.G = rel.grouping_transform(self.grouping, self.pool.stats, described) if self.grouping else np.zeros((len(latents), 1))
+        self.groups = rel.group_candidates(self.G)
         self.index = {o: i for i, o in enumerate(self.pool.ids)}
         self.known_ids = set(self.index)
         self._compute = threading.Lock()          # one card drawn at a time (torch, memory)
@@ -138,8 +142,8 @@ class ReviewSession:
         model = rel.RelevanceModel().fit(self.X[state["labelled"]], state["target"][state["labelled"]]) \
             if state["labelled"].any() else None
         at = state["labelled"]
-        groups = rel.KnownGroups.fit(self.X[at], rv.artefact_groups({k: v[at] for k, v in state.items()}, self.pool.ids[at]))
-        return rv.RelevanceState(self.space, model, groups, lab.labels_digest(latest), self.model)
+        groups = rel.KnownGroups.fit(self.G[at], rv.artefact_groups({k: v[at] for k, v in state.items()}, self.pool.ids[at]))
+        return rv.RelevanceState(self.space, model, groups, lab.labels_digest(latest), self.model, self.grouping)
 
     # ---- cards ------------------------------------------------------------------------------
     def card_stub(self, i: int, rank: int, more: int = 0, label: str = "") -> dict:

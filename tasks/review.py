@@ -20,7 +20,7 @@ from infra import labels as lab
 from infra.safe_output import write_table
 from infra.store import SurveyStore
 
-__all__ = ["POOL", "Pool", "candidate_pool", "pool_features", "label_state", "RelevanceState",
+__all__ = ["POOL", "Pool", "candidate_pool", "pool_features", "pool_groups", "label_state", "RelevanceState",
            "build_relevance", "relevance_for", "apply_labels_task"]
 
 POOL = 500   # candidates reviewed, grouped and re-ranked: the most anomalous by p-value
@@ -90,6 +90,16 @@ def pool_features(store: SurveyStore, det, rows: np.ndarray) -> np.ndarray:
     return det.encode(store.read_rows(rows)) if len(rows) else np.zeros((0, 1), np.float32)
 
 
+def pool_groups(store: SurveyStore, det, pool: "Pool") -> np.ndarray:
+    """Groups of look-alike candidates ``(n,)`` of a pool: HDBSCAN on what kind of departure each
+    shows (its statistics and ``Detector.describe``; see ``gsafe_models.relevance.grouping_space``)."""
+    rows = np.asarray(pool.rows, np.int64)
+    if len(rows) < 2:
+        return np.arange(len(rows))
+    described = det.describe(store.read_rows(rows))
+    return rel.group_candidates(rel.grouping_space(pool.stats, described))
+
+
 def label_state(latest: pd.DataFrame, ids: np.ndarray) -> dict[str, np.ndarray]:
     """The latest labels of objects `ids` ``(n,)``: ``labelled`` (bool), ``target`` (relevance 0..1),
     ``label`` (str, "" if none), ``group_scope`` (bool: labelled as part of a suppressed group),
@@ -140,9 +150,14 @@ class RelevanceState:
     groups: rel.KnownGroups
     digest: str
     detector: str
+    # where the known groups live: the candidates' grouping space (statistics and residual
+    # descriptors, see pool_groups); None in a state saved before it (groups in `space`)
+    grouping: rel.FeatureSpace | None = None
 
     def to_bytes(self) -> bytes:
         arrays = self.space.state() | self.groups.state() | (self.model.state() if self.model else {})
+        if self.grouping is not None:
+            arrays |= self.grouping.state("gs_")
         arrays["meta"] = np.asarray([self.digest, self.detector])
         buf = io.BytesIO()
         np.savez(buf, **arrays)
@@ -154,10 +169,17 @@ class RelevanceState:
             arrays = {k: z[k] for k in z.files}
         model = rel.RelevanceModel.from_state(arrays) if "rm_X" in arrays else None
         digest, detector = (str(v) for v in arrays["meta"])
-        return cls(rel.FeatureSpace.from_state(arrays), model, rel.KnownGroups.from_state(arrays), digest, detector)
+        grouping = rel.FeatureSpace.from_state(arrays, "gs_") if any(k.startswith("gs_") for k in arrays) else None
+        return cls(rel.FeatureSpace.from_state(arrays), model, rel.KnownGroups.from_state(arrays), digest, detector, grouping)
 
     def features(self, latents: np.ndarray, stats: np.ndarray) -> np.ndarray:
         return self.space.transform(latents, stats)
+
+    def known_group(self, latents: np.ndarray, stats: np.ndarray, described: np.ndarray) -> np.ndarray:
+        """``(N,)`` the known artefact group each object falls in (-1 none)."""
+        if self.grouping is None:
+            return self.groups.assign(self.features(latents, stats))
+        return self.groups.assign(rel.grouping_transform(self.grouping, stats, described))
 
 
 def build_relevance(store: SurveyStore, det, name: str, version: int, latest: pd.DataFrame,
@@ -168,8 +190,9 @@ def build_relevance(store: SurveyStore, det, name: str, version: int, latest: pd
     if pool_latents is None:
         pool_latents = pool_features(store, det, pool.rows)
     space = rel.FeatureSpace.fit(pool_latents, pool.stats)
+    grouping = rel.grouping_fit(pool.stats, det.describe(store.read_rows(np.asarray(pool.rows, np.int64))))
     ids = latest["object_id"].astype(str).to_numpy()
-    model, groups = None, rel.KnownGroups(np.zeros((0, space.components.shape[0])), np.zeros(0, np.int64), np.zeros(0))
+    model, groups = None, rel.KnownGroups(np.zeros((0, grouping.components.shape[0])), np.zeros(0, np.int64), np.zeros(0))
     if len(ids):
         where = _rows_of(store, ids)
         found = where >= 0
@@ -177,8 +200,9 @@ def build_relevance(store: SurveyStore, det, name: str, version: int, latest: pd
         X = space.transform(pool_features(store, det, lab_pool.rows), lab_pool.stats)
         state = label_state(latest, lab_pool.ids)
         model = rel.RelevanceModel().fit(X, state["target"])
-        groups = rel.KnownGroups.fit(X, artefact_groups(state, lab_pool.ids))
-    return RelevanceState(space, model, groups, lab.labels_digest(latest), f"{name}/{version}")
+        Xg = rel.grouping_transform(grouping, lab_pool.stats, det.describe(store.read_rows(np.asarray(lab_pool.rows, np.int64))))
+        groups = rel.KnownGroups.fit(Xg, artefact_groups(state, lab_pool.ids))
+    return RelevanceState(space, model, groups, lab.labels_digest(latest), f"{name}/{version}", grouping)
 
 
 def _rows_of(store: SurveyStore, ids: np.ndarray) -> np.ndarray:
@@ -228,8 +252,9 @@ def apply_labels_task(store_url: str, settings: dict, name: str, version: int, r
     det = load_detector(payload)
     state = relevance_for(store_url, Settings(**settings), name, version, det, latest)
     pool = candidate_pool(store, name, version, rows=np.asarray(rows, np.int64))
-    X = state.features(pool_features(store, det, pool.rows), pool.stats)
-    group = state.groups.assign(X)
+    latents = pool_features(store, det, pool.rows)
+    X = state.features(latents, pool.stats)
+    group = state.known_group(latents, pool.stats, det.describe(store.read_rows(np.asarray(pool.rows, np.int64))))
     labelled = np.isin(pool.ids, latest["object_id"].astype(str).to_numpy())
     mu = state.model.predict(X)[0] if state.model is not None else np.zeros(len(X))
     artefact = (group >= 0) & ~labelled
@@ -292,7 +317,7 @@ def diverse_rows_task(store_url: str, name: str, version: int, k: int, payload: 
     if len(pool.rows) < 2:
         return pool.rows.tolist()[:k], [0] * min(k, len(pool.rows))
     X = rel.FeatureSpace.fit(latents, pool.stats).transform(latents, pool.stats)
-    groups = rel.group_candidates(X)
+    groups = pool_groups(store, det, pool)
     latest = lab.latest_labels(store) if lab.TABLE in store.tables() else lab.read_labels(store)
     state = label_state(latest, pool.ids)
     suppressed = np.unique(groups[state["group_scope"] & (state["label"] == "artefact")])

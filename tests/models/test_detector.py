@@ -102,6 +102,22 @@ def test_injected_anomalies_score_clearly_above_normal_objects(small_detector, s
     assert auroc(out["score"], test.label) > 0.8
 
 
+def test_describe_holds_the_chi_statistics_and_separates_departures(small_detector, survey):
+    from gsafe_models.noise import ChiScanner
+
+    test = survey["test"]
+    D = small_detector.describe(test.images)
+    scales = small_detector._bundle.parts["chi_scanner_pca"].scales
+    S = len(ChiScanner.SUMMARIES)
+    assert D.shape == (len(test.images), len(scales) * S) and np.isfinite(D).all()
+    # the chi_core_pca statistic is the largest of the descriptor's "core" columns over the scales
+    core = [j * S + ChiScanner.SUMMARIES.index("core") for j in range(len(scales))]
+    np.testing.assert_allclose(D[:, core].max(1), small_detector.statistics(test.images, ["chi_core_pca"])["chi_core_pca"],
+                               rtol=1e-5, atol=1e-5)
+    # in units of the normal objects' spread: anomalies depart more than normal objects
+    assert np.median(D[test.label == 1].max(1)) > np.median(D[test.label == 0].max(1))
+
+
 def test_assemble_reuses_the_representation(detector, small_detector, survey):
     x = survey["test"].images[:6]
     np.testing.assert_array_equal(detector.encode(x), small_detector.encode(x))

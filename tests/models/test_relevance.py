@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gsafe_models.relevance import (MAX_GROUP, FeatureSpace, KnownGroups, RelevanceModel, group_candidates, plan_review,
+from gsafe_models.relevance import (MAX_GROUP, FeatureSpace, KnownGroups, RelevanceModel, group_candidates, grouping_space,
+                                    plan_review,
                                     relevance_target)
 
 
@@ -164,3 +165,20 @@ def test_groups_never_swallow_the_pool():
     assert len(set(g[300:])) == 1 and not set(g[300:]) & set(g[:300])
     unbounded = group_candidates(np.concatenate([bulk, tight]), max_group=None)
     assert np.bincount(unbounded).max() > MAX_GROUP      # the bound is what keeps the bulk apart
+
+
+def test_grouping_space_groups_by_departure_not_by_galaxy():
+    # two kinds of departure (descriptor columns 0-1 high, or 2-3 high) on galaxies of every kind:
+    # the grouping space sees the departure only, so each kind is one group
+    rng = np.random.default_rng(7)
+    n = 20
+    descriptors = rng.normal(0, 0.2, (2 * n, 4))
+    descriptors[:n, :2] += 8.0
+    descriptors[n:, 2:] += 8.0
+    statistics = descriptors.max(1, keepdims=True) + rng.normal(0, 0.1, (2 * n, 1))
+    G = grouping_space(statistics, descriptors)
+    g = group_candidates(G)
+    assert len(set(g[:n])) == 1 and len(set(g[n:])) == 1 and g[0] != g[n]
+    # without descriptors it falls back to the statistics, and copes with nothing at all
+    assert grouping_space(statistics).shape[0] == 2 * n
+    assert grouping_space(np.zeros((3, 0))).shape == (3, 1)

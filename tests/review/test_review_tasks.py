@@ -74,6 +74,16 @@ def test_relevance_state_round_trips_as_plain_arrays():
     assert back.groups.assign(X).tolist() == groups.assign(X).tolist()
     empty = rv.RelevanceState(space, None, rel.KnownGroups(np.zeros((0, X.shape[1])), np.zeros(0, int), np.zeros(0)), "", "m/1")
     assert rv.RelevanceState.from_bytes(empty.to_bytes()).model is None
+    # with a grouping space (statistics and descriptors) the known groups live there, and travel with it
+    d = rng.normal(size=(40, 4))
+    grouping = rel.grouping_fit(s, d)
+    G = rel.grouping_transform(grouping, s, d)
+    kg = rel.KnownGroups.fit(G[:10], np.array([0, 0, 0, -1, -1, 1, 1, -1, -1, -1]))
+    back = rv.RelevanceState.from_bytes(rv.RelevanceState(space, model, kg, "abc", "m/1", grouping).to_bytes())
+    assert back.grouping is not None and back.grouping.components.shape == grouping.components.shape
+    assert back.known_group(z, s, d).tolist() == kg.assign(G).tolist()
+    # a state saved before the grouping space assigns in the relevance space, as it did
+    assert rv.RelevanceState.from_bytes(state.to_bytes()).known_group(z, s, d).tolist() == groups.assign(X).tolist()
 
 
 def test_labels_digest_changes_with_any_label(scored_store):
