@@ -534,6 +534,33 @@ _chi_statistics("", "chi", "chi_null", "autoencoder residual")
 _chi_statistics("_pca", "chi_pca", "chi_null_pca", "PCA residual")
 
 
+# A density of departures: a Gaussian mixture over the multi-scale χ descriptor (every scale and
+# summary at once, in units of its null: what `Detector.describe` returns), fitted on the training
+# objects; −log p is large for a combination of departures normal objects do not show, even where
+# no single summary is extreme.
+
+def _chi_units(f, parts) -> Tensor:
+    x = f["chi_pca"].double()
+    c = parts["chi_null_pca"]
+    return (x - c.loc.to(x.device)) / c.scale.to(x.device)
+
+
+def _fit_chi_gmm(b, f, cfg):
+    u = _chi_units(f, b.parts)
+    components = tuple(k for k in cfg.gmm_components if k <= max(1, len(u) // (4 * u.shape[1])))
+    return GaussianMixture.fit_bic(u, components=components or (1,), seed=cfg.seed)
+
+
+PARTS["chi_gmm_pca"] = Part("chi_gmm_pca", build=lambda **c: GaussianMixture(**c), fit=_fit_chi_gmm, features=("chi_pca",),
+                            requires=("chi_null_pca",))
+
+
+@statistic("chi_density_pca", ("chi_pca",), ("chi_null_pca", "chi_gmm_pca"))
+def _chi_density(f, parts):
+    """−log p of the PCA residual's multi-scale χ descriptor under a Gaussian mixture of normal objects'"""
+    return -parts["chi_gmm_pca"].log_prob(_chi_units(f, parts)).to(f["chi_pca"].dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # A density of small patches, anywhere in the cutout (gsafe_models.patches)
 

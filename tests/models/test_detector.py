@@ -61,7 +61,7 @@ def test_attributes_describe_the_detector(detector):
     assert detector.history and "train_loss" in detector.history[0]
     assert 0 <= detector.diagnostics["calibration_ks"] <= 1
     # the fixture's calibration set is clean: the outlier test should leave (almost) all of it
-    # (a handful of the 25 x 240 values at most)
+    # (a handful of the 26 x 240 values at most)
     trimmed = [detector.diagnostics[f"calibration_trimmed_{n}"] for n in detector.statistic_names]
     assert sum(trimmed) <= 3, {n: t for n, t in zip(detector.statistic_names, trimmed) if t}
 
@@ -116,6 +116,17 @@ def test_describe_holds_the_chi_statistics_and_separates_departures(small_detect
                                rtol=1e-5, atol=1e-5)
     # in units of the normal objects' spread: anomalies depart more than normal objects
     assert np.median(D[test.label == 1].max(1)) > np.median(D[test.label == 0].max(1))
+
+
+def test_density_of_departures_is_the_mixture_over_describe(detector, survey):
+    import torch
+
+    test = survey["test"]
+    stat = detector.statistics(test.images, ["chi_density_pca"])["chi_density_pca"]
+    gmm = detector._bundle.parts["chi_gmm_pca"]
+    expected = -gmm.log_prob(torch.as_tensor(detector.describe(test.images))).double().numpy()
+    np.testing.assert_allclose(stat, expected, rtol=1e-5, atol=1e-5)
+    assert auroc(stat, test.label) > 0.7
 
 
 def test_assemble_reuses_the_representation(detector, small_detector, survey):
