@@ -61,10 +61,8 @@ class ReviewSession:
         latents = rv.pool_features(self.store, det, self.pool.rows)
         self.space = rel.FeatureSpace.fit(latents, self.pool.stats) if len(latents) >= 2 else None
         self.X = self.space.transform(latents, self.pool.stats) if self.space else np.zeros((len(latents), 1))
-        # groups of look-alikes: on the kind of departure (statistics, residual descriptors), as rv.pool_groups
-        described = det.describe(self.store.read_rows(np.asarray(self.pool.rows, np.int64))) if len(latents) >= 2 else None
-        self.grouping = rel.grouping_fit(self.pool.stats, described) if described is not None else None
-        self.G = rel.grouping_transform(self.grouping, self.pool.stats, described) if self.grouping else np.zeros((len(latents), 1))
+        # groups of look-alikes: on the kind of departure (statistics, residual descriptors)
+        self.grouping, self.G = rv.pool_grouping(self.store, det, self.pool)
         self.groups = rel.group_candidates(self.G)
         self.index = {o: i for i, o in enumerate(self.pool.ids)}
         self.known_ids = set(self.index)

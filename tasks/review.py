@@ -20,7 +20,7 @@ from infra import labels as lab
 from infra.safe_output import write_table
 from infra.store import SurveyStore
 
-__all__ = ["POOL", "Pool", "candidate_pool", "pool_features", "pool_groups", "label_state", "RelevanceState",
+__all__ = ["POOL", "Pool", "candidate_pool", "pool_features", "pool_grouping", "pool_groups", "label_state", "RelevanceState",
            "build_relevance", "relevance_for", "apply_labels_task"]
 
 POOL = 500   # candidates reviewed, grouped and re-ranked: the most anomalous by p-value
@@ -90,14 +90,21 @@ def pool_features(store: SurveyStore, det, rows: np.ndarray) -> np.ndarray:
     return det.encode(store.read_rows(rows)) if len(rows) else np.zeros((0, 1), np.float32)
 
 
-def pool_groups(store: SurveyStore, det, pool: "Pool") -> np.ndarray:
-    """Groups of look-alike candidates ``(n,)`` of a pool: HDBSCAN on what kind of departure each
-    shows (its statistics and ``Detector.describe``; see ``gsafe_models.relevance.grouping_space``)."""
+def pool_grouping(store: SurveyStore, det, pool: "Pool") -> tuple[rel.FeatureSpace | None, np.ndarray]:
+    """The grouping space fitted on a pool (None under 2 candidates) and the pool in it ``(n, k)``:
+    what kind of departure each candidate shows (its statistics and ``Detector.describe``; see
+    ``gsafe_models.relevance.grouping_space``)."""
     rows = np.asarray(pool.rows, np.int64)
     if len(rows) < 2:
-        return np.arange(len(rows))
+        return None, np.zeros((len(rows), 1))
     described = det.describe(store.read_rows(rows))
-    return rel.group_candidates(rel.grouping_space(pool.stats, described))
+    space = rel.grouping_fit(pool.stats, described)
+    return space, rel.grouping_transform(space, pool.stats, described)
+
+
+def pool_groups(store: SurveyStore, det, pool: "Pool") -> np.ndarray:
+    """Groups of look-alike candidates ``(n,)`` of a pool: HDBSCAN in its grouping space."""
+    return rel.group_candidates(pool_grouping(store, det, pool)[1])
 
 
 def label_state(latest: pd.DataFrame, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -190,7 +197,7 @@ def build_relevance(store: SurveyStore, det, name: str, version: int, latest: pd
     if pool_latents is None:
         pool_latents = pool_features(store, det, pool.rows)
     space = rel.FeatureSpace.fit(pool_latents, pool.stats)
-    grouping = rel.grouping_fit(pool.stats, det.describe(store.read_rows(np.asarray(pool.rows, np.int64))))
+    grouping = pool_grouping(store, det, pool)[0]
     ids = latest["object_id"].astype(str).to_numpy()
     model, groups = None, rel.KnownGroups(np.zeros((0, grouping.components.shape[0])), np.zeros(0, np.int64), np.zeros(0))
     if len(ids):
