@@ -28,7 +28,7 @@ from torch import Tensor
 from .calibration import COMBINERS, CombinedTest, bh_qvalues
 from .nets import build_representation, AutoEncoder, VAE
 from .normalise import BandNormaliser
-from .registry import FEATURES, PARTS, STATISTICS as _REGISTRY, Pass, requirements
+from .registry import FEATURES, PARTS, STATISTICS as _REGISTRY, Pass, null_units, requirements
 from .training import BatchFactory, fit_representation, resolve_device, unpack_batch
 
 #: Every statistic a Detector can compute (see :mod:`gsafe_models.registry`), larger = more anomalous.
@@ -454,11 +454,8 @@ class Detector:
                 break
         else:
             return np.zeros((len(images), 0))
-        c = self._bundle.parts[null]
-        out = []
-        for x, v in self._pairs(images, variance):
-            f = self._bundle.features(x, [stat], v)[feature].double()
-            out.append(((f - c.loc.to(f.device)) / c.scale.to(f.device)).cpu().numpy())
+        out = [null_units(self._bundle.features(x, [stat], v)[feature], self._bundle.parts[null]).cpu().numpy()
+               for x, v in self._pairs(images, variance)]
         return np.concatenate(out) if out else np.zeros((0, 0))
 
     @torch.no_grad()

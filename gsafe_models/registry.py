@@ -378,11 +378,20 @@ PARTS["chi_scanner_pca"] = Part(
 )
 
 
-def _fit_gmm(b, f, cfg):
-    z = f["z"]
+def _gmm_bic(x: Tensor, cfg) -> GaussianMixture:
     # at least ~4 D objects per component, so full covariances stay well determined
-    components = tuple(k for k in cfg.gmm_components if k <= max(1, len(z) // (4 * z.shape[1])))
-    return GaussianMixture.fit_bic(z, components=components or (1,), seed=cfg.seed)
+    components = tuple(k for k in cfg.gmm_components if k <= max(1, len(x) // (4 * x.shape[1])))
+    return GaussianMixture.fit_bic(x, components=components or (1,), seed=cfg.seed)
+
+
+def _fit_gmm(b, f, cfg):
+    return _gmm_bic(f["z"], cfg)
+
+
+def null_units(x: Tensor, null: nn.Module) -> Tensor:
+    r"""Each column of a feature in units of its spread on normal objects (a `_robust_scale` part), float64."""
+    x = x.double()
+    return (x - null.loc.to(x.device)) / null.scale.to(x.device)
 
 
 def _fit_flow(b, f, cfg):
@@ -514,8 +523,7 @@ def _chi_statistics(suffix: str, feature: str, null: str, residual: str) -> None
 
         def compute(f, parts):
             x = f[feature]
-            c = parts[null]
-            u = (x.double() - c.loc.to(x.device)) / c.scale.to(x.device)  # each column in units of its null
+            u = null_units(x, parts[null])
             S = len(ChiScanner.SUMMARIES)
             scales = parts[f"chi_scanner{suffix}"].scales
             cols = [j * S + k for j, s in enumerate(scales) if s >= min_scale] or [(len(scales) - 1) * S + k]
@@ -539,26 +547,14 @@ _chi_statistics("_pca", "chi_pca", "chi_null_pca", "PCA residual")
 # objects; −log p is large for a combination of departures normal objects do not show, even where
 # no single summary is extreme.
 
-def _chi_units(f, parts) -> Tensor:
-    x = f["chi_pca"].double()
-    c = parts["chi_null_pca"]
-    return (x - c.loc.to(x.device)) / c.scale.to(x.device)
-
-
-def _fit_chi_gmm(b, f, cfg):
-    u = _chi_units(f, b.parts)
-    components = tuple(k for k in cfg.gmm_components if k <= max(1, len(u) // (4 * u.shape[1])))
-    return GaussianMixture.fit_bic(u, components=components or (1,), seed=cfg.seed)
-
-
-PARTS["chi_gmm_pca"] = Part("chi_gmm_pca", build=lambda **c: GaussianMixture(**c), fit=_fit_chi_gmm, features=("chi_pca",),
-                            requires=("chi_null_pca",))
+PARTS["chi_gmm_pca"] = Part("chi_gmm_pca", build=lambda **c: GaussianMixture(**c), features=("chi_pca",), requires=("chi_null_pca",),
+                            fit=lambda b, f, cfg: _gmm_bic(null_units(f["chi_pca"], b.parts["chi_null_pca"]), cfg))
 
 
 @statistic("chi_density_pca", ("chi_pca",), ("chi_null_pca", "chi_gmm_pca"))
 def _chi_density(f, parts):
     """−log p of the PCA residual's multi-scale χ descriptor under a Gaussian mixture of normal objects'"""
-    return -parts["chi_gmm_pca"].log_prob(_chi_units(f, parts)).to(f["chi_pca"].dtype)
+    return -parts["chi_gmm_pca"].log_prob(null_units(f["chi_pca"], parts["chi_null_pca"])).to(f["chi_pca"].dtype)
 
 
 # ---------------------------------------------------------------------------------------------
