@@ -7,8 +7,12 @@ What it does, per seed, under a temporary GSAFE_HOME:
    and fits a Detector on it exactly as `gsafe train` does (`tasks.train.fit_detector_task`), with
    DetectorConfig defaults; scores it (`Detector.score`: p-values, q-values, statistics) and encodes
    it (`Detector.encode`);
-2. builds the features every method sees: `gsafe_models.relevance.FeatureSpace` over the latents and
-   the statistics, fitted on the 500 most anomalous objects (the review pool);
+2. builds the features every method sees: `gsafe_models.relevance.FeatureSpace` over the latents,
+   the statistics and the residual descriptors (`Detector.describe`), fitted on the 500 most
+   anomalous objects (the review pool), as `gsafe review` does; `--space latents+stats` gives the
+   space before the descriptors joined it. Each run first prints how well the relevance GP, given
+   50 random pool objects' *artefact* labels, tells the artefacts among the other 450 in either
+   space: the criterion the space was chosen on (it reads no interesting class);
 3. a simulated scientist (an oracle) reviews objects in rounds of `--round` (default 10), labelling
    what it is shown: classes of `--interesting` are *interesting* (relevance 5), instrumental classes
    (`ANOMALY_KINDS` origin "instrumental") are *artefacts*, everything else *not interesting* (0);
@@ -82,6 +86,8 @@ def parse_args() -> argparse.Namespace:
                    help="folder to keep each seed's scores and features in (a re-run of the loops then skips "
                         "simulation and training)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--space", choices=SPACES, default=SPACES[0],
+                   help="the relevance feature space every loop sees (the artefact-prediction check prints both)")
     p.add_argument("--quick", action="store_true", help="one seed, 2 000 cutouts, 5 epochs")
     a = p.parse_args()
     if a.quick:
@@ -180,14 +186,46 @@ def blind_order(s: dict) -> np.ndarray:
     return np.lexsort((-np.nan_to_num(s["score"], nan=-np.inf), np.nan_to_num(s["p"], nan=np.inf)))
 
 
-def features(s: dict, pool: int = 500) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+SPACES = ("latents+stats+describe", "latents+stats")  # gsafe review's space first (the default)
+
+
+def relevance_view(s: dict, space: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(latents, statistics, descriptors or None) of every object for a relevance feature space:
+    `gsafe review`'s (the residual descriptors, `Detector.describe`, beside the statistics) or the
+    one before it (latents and statistics)."""
+    return s["z"], s["stats"], (None if space == "latents+stats" else s["D"])
+
+
+def features(s: dict, pool: int = 500, space: str = SPACES[0]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features of every object (fitted on the pool), the pool's indices, and the pool's grouping
     features (`grouping_space`: statistics and residual descriptors), as `gsafe review` has them."""
     from gsafe_models.relevance import FeatureSpace, grouping_space
 
     top = blind_order(s)[:pool]
-    fs = FeatureSpace.fit(s["z"][top], s["stats"][top])
-    return fs.transform(s["z"], s["stats"]), top, grouping_space(s["stats"][top], s["D"][top])
+    z, st, d = relevance_view(s, space)
+    fs = FeatureSpace.fit(z[top], st[top], None if d is None else d[top])
+    return fs.transform(z, st, d), top, grouping_space(s["stats"][top], s["D"][top])
+
+
+def artefact_prediction(s: dict, oracle, pool: np.ndarray, X: np.ndarray, labelled: int = 50, draws: int = 10) -> float:
+    """How well the relevance GP, given the artefact labels of `labelled` random pool objects (1 =
+    artefact, 0 = anything else), tells the artefacts among the rest of the pool: mean AUROC over
+    `draws` draws. The criterion the relevance feature space is chosen on: it reads the instrumental
+    classes only, never what the scientist finds interesting."""
+    from gsafe_models.metrics import auroc
+    from gsafe_models.relevance import RelevanceModel
+
+    art = np.array([oracle.label(int(i)) == "artefact" for i in pool], float)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(draws):
+        perm = rng.permutation(len(pool))
+        fit, rest = perm[:labelled], perm[labelled:]
+        if art[fit].min() == art[fit].max() or art[rest].min() == art[rest].max():
+            continue
+        mu, _ = RelevanceModel().fit(X[pool][fit], art[fit]).predict(X[pool][rest])
+        out.append(auroc(mu, art[rest]))
+    return float(np.mean(out)) if out else float("nan")
 
 
 # ---- the loops ------------------------------------------------------------------------------------
@@ -344,7 +382,12 @@ def main() -> None:
         for seed in args.seeds:
             with Timer() as t:
                 s = survey(home, seed, args)
-                X, pool, G = features(s)
+                X, pool, G = features(s, space=args.space)
+            art_oracle = Oracle(s["classes"], set(), origin)
+            for sp in SPACES:
+                Xs = X if sp == args.space else features(s, space=sp)[0]
+                print(f"seed {seed}: relevance space {sp}: the GP tells artefacts from 50 labels with AUROC "
+                      f"{artefact_prediction(s, art_oracle, pool, Xs):.3f} (mean of 10 draws)")
             for oname, iset in (("default", interesting), ("astrophysical", astro)):
                 oracle = Oracle(s["classes"], iset, origin)
                 totals[(oname, seed)] = int(oracle.is_interesting().sum())

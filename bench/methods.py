@@ -92,10 +92,11 @@ def without(r: dict, drop: tuple[str, ...], args) -> dict:
     ev = r["ev"]
     keep = [j for j, n in enumerate(ev.names) if n not in drop]
     S = {k: v[:, keep] for k, v in ev.S.items()}
-    sub = quality.Evaluator([ev.names[j] for j in keep], S, ev.labels, ev.classes, ev.trim, ev.seed)
+    sub = quality.Evaluator([ev.names[j] for j in keep], S, ev.labels, ev.classes, ev.trim, ev.seed, ev.trimmed_are_normal)
     sel = {rule: sub.greedy(quality.synth_objective, [rule]) for rule in args.rules}
-    winner = max(sel.values(), key=lambda s: s[2])
-    loco = {c: sub.greedy(quality.classes_objective(c), args.rules) for c in sub.present}
+    winner = quality.best_listing(sel.values(), [sub])
+    loco = {c: quality.best_listing([sub.greedy(quality.classes_objective(c), [rule]) for rule in args.rules], [sub])
+            for c in sub.present}
     return {"ev": sub, "winner": winner, "loco": loco}
 
 

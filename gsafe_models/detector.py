@@ -91,7 +91,7 @@ class DetectorConfig:
     patience: int = 4
     # chosen by `bench/quality.py` on generic synthetic perturbations of normal objects, on two seeds
     # at once, never on an anomaly class (BENCHMARKS.md, "Detection quality")
-    statistics: tuple[str, ...] = ("chi_chromatic_pca", "patch_peak", "morphometry", "chi_core_pca")
+    statistics: tuple[str, ...] = ("chi_density_pca", "chi_chromatic_pca", "morphometry", "patch_peak")
     combination: str = "simes"
     seed: int = 0
     channels: tuple[int, ...] = (8, 16, 32, 64)

@@ -115,10 +115,17 @@ class FeatureSpace:
     that rule kept 4 components, and what tells one anomaly class from another lives in the
     low-variance ones. Fitted on the candidates it will embed.
 
+    The statistics view also holds the residual's descriptors when given (``Detector.describe``:
+    what kind of departure the object shows, 16 columns in units of their null), beside the
+    statistics. Chosen on how well the GP, given 50 random candidates' artefact labels, tells the
+    artefacts among the other 450 of `bench/active.py`'s pools: AUROC 0.735 / 0.765 (two seeds)
+    without them, 0.862 / 0.848 with them; the classes the scientist finds interesting were not
+    used. A space fitted without descriptors (saved before) ignores them.
+
     Example:
         >>> rng = np.random.default_rng(0)
-        >>> fs = FeatureSpace.fit(rng.normal(size=(50, 8)), rng.normal(size=(50, 3)))
-        >>> fs.transform(rng.normal(size=(4, 8)), rng.normal(size=(4, 3))).shape[0]
+        >>> fs = FeatureSpace.fit(rng.normal(size=(50, 8)), rng.normal(size=(50, 3)), rng.normal(size=(50, 16)))
+        >>> fs.transform(rng.normal(size=(4, 8)), rng.normal(size=(4, 3)), rng.normal(size=(4, 16))).shape[0]
         4
     """
 
@@ -135,8 +142,9 @@ class FeatureSpace:
     z_spread: np.ndarray | None = None
 
     @classmethod
-    def fit(cls, latents: np.ndarray, statistics: np.ndarray) -> "FeatureSpace":
+    def fit(cls, latents: np.ndarray, statistics: np.ndarray, descriptors: np.ndarray | None = None) -> "FeatureSpace":
         latents, statistics = _as_views(latents, statistics)
+        statistics = _departures(statistics, descriptors)
         if len(latents) < 2:
             raise ValueError(f"FeatureSpace: needs at least 2 objects to fit, got {len(latents)}")
         zc, zs = _robust(latents)
@@ -148,12 +156,16 @@ class FeatureSpace:
         k = max(1, min(MAX_COMPONENTS, len(vt)))
         return cls(zc, zs, sc, ss, mean, vt[:k], zm, zb, zsp)
 
-    def transform(self, latents: np.ndarray, statistics: np.ndarray) -> np.ndarray:
-        """Features ``(N, k)`` of objects given their latents ``(N, D)`` and statistics ``(N, S)``."""
+    def transform(self, latents: np.ndarray, statistics: np.ndarray, descriptors: np.ndarray | None = None) -> np.ndarray:
+        """Features ``(N, k)`` of objects given their latents ``(N, D)``, statistics ``(N, S)`` and,
+        if the space was fitted with them, descriptors ``(N, K)``."""
         latents, statistics = _as_views(latents, statistics)
+        if descriptors is not None and statistics.shape[1] != len(self.s_centre):
+            statistics = _departures(statistics, descriptors)
         if latents.shape[1] != len(self.z_centre) or statistics.shape[1] != len(self.s_centre):
-            raise ValueError(f"FeatureSpace: fitted on {len(self.z_centre)} latents and {len(self.s_centre)} statistics, "
-                             f"got {latents.shape[1]} and {statistics.shape[1]}; refit it for this detector")
+            raise ValueError(f"FeatureSpace: fitted on {len(self.z_centre)} latents and {len(self.s_centre)} statistics "
+                             f"(with any descriptors), got {latents.shape[1]} and {statistics.shape[1]}; "
+                             f"refit it for this detector, or pass the descriptors it was fitted with")
         joined = _join(latents, statistics, self.z_centre, self.z_scale, self.s_centre, self.s_scale,
                        self.z_mean, self.z_basis, self.z_spread)
         return (joined - self.mean) @ self.components.T

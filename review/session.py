@@ -58,11 +58,11 @@ class ReviewSession:
         self.det, self.settings, self.who, self.out, self.method = det, settings, who, Path(out), method
         self.store = SurveyStore.open(store_url, mode="r+")   # appends labels
         self.pool = rv.candidate_pool(self.store, name, version, pool_size)
-        latents = rv.pool_features(self.store, det, self.pool.rows)
-        self.space = rel.FeatureSpace.fit(latents, self.pool.stats) if len(latents) >= 2 else None
-        self.X = self.space.transform(latents, self.pool.stats) if self.space else np.zeros((len(latents), 1))
+        latents, described = rv.pool_features(self.store, det, self.pool.rows)
+        self.space = rel.FeatureSpace.fit(latents, self.pool.stats, described) if len(latents) >= 2 else None
+        self.X = self.space.transform(latents, self.pool.stats, described) if self.space else np.zeros((len(latents), 1))
         # groups of look-alikes: on the kind of departure (statistics, residual descriptors)
-        self.grouping, self.G = rv.pool_grouping(self.store, det, self.pool)
+        self.grouping, self.G = rv.pool_grouping(self.store, det, self.pool, described)
         self.groups = rel.group_candidates(self.G)
         self.index = {o: i for i, o in enumerate(self.pool.ids)}
         self.known_ids = set(self.index)

@@ -84,27 +84,33 @@ def candidate_pool(store: SurveyStore, name: str, version: int, size: int = POOL
                 list(names), cat)
 
 
-def pool_features(store: SurveyStore, det, rows: np.ndarray) -> np.ndarray:
-    """Latents ``(n, D)`` of store `rows` (``Detector.encode``)."""
+def pool_features(store: SurveyStore, det, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Latents ``(n, D)`` (``Detector.encode``) and residual descriptors ``(n, K)``
+    (``Detector.describe``) of store `rows`, from one read of their cutouts."""
     rows = np.asarray(rows, np.int64)
-    return det.encode(store.read_rows(rows)) if len(rows) else np.zeros((0, 1), np.float32)
+    if not len(rows):
+        return np.zeros((0, 1), np.float32), np.zeros((0, 0))
+    images = store.read_rows(rows)
+    return det.encode(images), det.describe(images)
 
 
-def pool_grouping(store: SurveyStore, det, pool: "Pool") -> tuple[rel.FeatureSpace | None, np.ndarray]:
+def pool_grouping(store: SurveyStore, det, pool: "Pool", described: np.ndarray | None = None
+                  ) -> tuple[rel.FeatureSpace | None, np.ndarray]:
     """The grouping space fitted on a pool (None under 2 candidates) and the pool in it ``(n, k)``:
-    what kind of departure each candidate shows (its statistics and ``Detector.describe``; see
-    ``gsafe_models.relevance.grouping_space``)."""
+    what kind of departure each candidate shows (its statistics and ``Detector.describe``, read
+    here unless given; see ``gsafe_models.relevance.grouping_space``)."""
     rows = np.asarray(pool.rows, np.int64)
     if len(rows) < 2:
         return None, np.zeros((len(rows), 1))
-    described = det.describe(store.read_rows(rows))
+    if described is None:
+        described = det.describe(store.read_rows(rows))
     space = rel.grouping_fit(pool.stats, described)
     return space, rel.grouping_transform(space, pool.stats, described)
 
 
-def pool_groups(store: SurveyStore, det, pool: "Pool") -> np.ndarray:
+def pool_groups(store: SurveyStore, det, pool: "Pool", described: np.ndarray | None = None) -> np.ndarray:
     """Groups of look-alike candidates ``(n,)`` of a pool: HDBSCAN in its grouping space."""
-    return rel.group_candidates(pool_grouping(store, det, pool)[1])
+    return rel.group_candidates(pool_grouping(store, det, pool, described)[1])
 
 
 def label_state(latest: pd.DataFrame, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -179,35 +185,36 @@ class RelevanceState:
         grouping = rel.FeatureSpace.from_state(arrays, "gs_") if any(k.startswith("gs_") for k in arrays) else None
         return cls(rel.FeatureSpace.from_state(arrays), model, rel.KnownGroups.from_state(arrays), digest, detector, grouping)
 
-    def features(self, latents: np.ndarray, stats: np.ndarray) -> np.ndarray:
-        return self.space.transform(latents, stats)
+    def features(self, latents: np.ndarray, stats: np.ndarray, described: np.ndarray | None = None) -> np.ndarray:
+        """The relevance features of objects (a space saved before descriptors joined it ignores them)."""
+        return self.space.transform(latents, stats, described)
 
     def known_group(self, latents: np.ndarray, stats: np.ndarray, described: np.ndarray) -> np.ndarray:
         """``(N,)`` the known artefact group each object falls in (-1 none)."""
         if self.grouping is None:
-            return self.groups.assign(self.features(latents, stats))
+            return self.groups.assign(self.features(latents, stats, described))
         return self.groups.assign(rel.grouping_transform(self.grouping, stats, described))
 
 
 def build_relevance(store: SurveyStore, det, name: str, version: int, latest: pd.DataFrame,
-                    pool: Pool | None = None, pool_latents: np.ndarray | None = None) -> RelevanceState:
+                    pool: Pool | None = None) -> RelevanceState:
     """Fit the relevance state on the store's latest labels: the feature space on the candidate pool,
     the GP on the labelled objects (wherever they are in the store), the known artefact groups."""
     pool = pool if pool is not None else candidate_pool(store, name, version)
-    if pool_latents is None:
-        pool_latents = pool_features(store, det, pool.rows)
-    space = rel.FeatureSpace.fit(pool_latents, pool.stats)
-    grouping = pool_grouping(store, det, pool)[0]
+    latents, described = pool_features(store, det, pool.rows)
+    space = rel.FeatureSpace.fit(latents, pool.stats, described)
+    grouping = pool_grouping(store, det, pool, described)[0]
     ids = latest["object_id"].astype(str).to_numpy()
     model, groups = None, rel.KnownGroups(np.zeros((0, grouping.components.shape[0])), np.zeros(0, np.int64), np.zeros(0))
     if len(ids):
         where = _rows_of(store, ids)
         found = where >= 0
         lab_pool = candidate_pool(store, name, version, rows=where[found])
-        X = space.transform(pool_features(store, det, lab_pool.rows), lab_pool.stats)
+        lab_latents, lab_described = pool_features(store, det, lab_pool.rows)
+        X = space.transform(lab_latents, lab_pool.stats, lab_described)
         state = label_state(latest, lab_pool.ids)
         model = rel.RelevanceModel().fit(X, state["target"])
-        Xg = rel.grouping_transform(grouping, lab_pool.stats, det.describe(store.read_rows(np.asarray(lab_pool.rows, np.int64))))
+        Xg = rel.grouping_transform(grouping, lab_pool.stats, lab_described)
         groups = rel.KnownGroups.fit(Xg, artefact_groups(state, lab_pool.ids))
     return RelevanceState(space, model, groups, lab.labels_digest(latest), f"{name}/{version}", grouping)
 
@@ -259,9 +266,9 @@ def apply_labels_task(store_url: str, settings: dict, name: str, version: int, r
     det = load_detector(payload)
     state = relevance_for(store_url, Settings(**settings), name, version, det, latest)
     pool = candidate_pool(store, name, version, rows=np.asarray(rows, np.int64))
-    latents = pool_features(store, det, pool.rows)
-    X = state.features(latents, pool.stats)
-    group = state.known_group(latents, pool.stats, det.describe(store.read_rows(np.asarray(pool.rows, np.int64))))
+    latents, described = pool_features(store, det, pool.rows)
+    X = state.features(latents, pool.stats, described)
+    group = state.known_group(latents, pool.stats, described)
     labelled = np.isin(pool.ids, latest["object_id"].astype(str).to_numpy())
     mu = state.model.predict(X)[0] if state.model is not None else np.zeros(len(X))
     artefact = (group >= 0) & ~labelled
@@ -320,11 +327,11 @@ def diverse_rows_task(store_url: str, name: str, version: int, k: int, payload: 
     store = SurveyStore.open(store_url)
     det = load_detector(payload)
     pool = candidate_pool(store, name, version, max(pool_size, k))
-    latents = pool_features(store, det, pool.rows)
     if len(pool.rows) < 2:
         return pool.rows.tolist()[:k], [0] * min(k, len(pool.rows))
-    X = rel.FeatureSpace.fit(latents, pool.stats).transform(latents, pool.stats)
-    groups = pool_groups(store, det, pool)
+    latents, described = pool_features(store, det, pool.rows)
+    X = rel.FeatureSpace.fit(latents, pool.stats, described).transform(latents, pool.stats, described)
+    groups = pool_groups(store, det, pool, described)
     latest = lab.latest_labels(store) if lab.TABLE in store.tables() else lab.read_labels(store)
     state = label_state(latest, pool.ids)
     suppressed = np.unique(groups[state["group_scope"] & (state["label"] == "artefact")])

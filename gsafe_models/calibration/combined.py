@@ -55,6 +55,8 @@ class CombinedTest:
             values removed as outliers (the anomalies a "normal" set holds).
         two_stage: Conformalise the combined statistic on a second fold; by default only
             for the rules that need it.
+        trimmed_are_normal: Passed to every :class:`TailCalibrator`: whether the removed
+            outliers still count as normal calibration objects (conservative) or leave the set.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -67,7 +69,7 @@ class CombinedTest:
     """
 
     def __init__(self, method: str = "fisher", split: float = 0.5, tail_frac: float = 0.1, seed: int = 0,
-                 trim: float = 0.05, two_stage: bool | None = None) -> None:
+                 trim: float = 0.05, two_stage: bool | None = None, trimmed_are_normal: bool = True) -> None:
         if method not in COMBINERS and method != "dose":
             raise ValueError(f"CombinedTest: method={method!r}, expected one of {[*COMBINERS, 'dose']}")
         if not 0 < split < 1:
@@ -77,6 +79,7 @@ class CombinedTest:
         self.tail_frac = tail_frac
         self.seed = seed
         self.trim = trim
+        self.trimmed_are_normal = bool(trimmed_are_normal)
         self.two_stage = method not in _VALID_UNDER_DEPENDENCE if two_stage is None else bool(two_stage)
 
     def fit(self, S_fit: np.ndarray | None, S_calib: np.ndarray, names: Sequence[str]) -> "CombinedTest":
@@ -118,11 +121,13 @@ class CombinedTest:
             fold_a, fold_b = S_calib[perm[:n_a]], S_calib[perm[n_a:]]
             self.joint = None
 
-        self.calibrators = [TailCalibrator(self.tail_frac, trim=self.trim).fit(fold_a[:, j]) for j in range(len(names))]
+        self.calibrators = [TailCalibrator(self.tail_frac, trim=self.trim, trimmed_are_normal=self.trimmed_are_normal).fit(fold_a[:, j])
+                            for j in range(len(names))]
         # Bonferroni's and Simes' p-values are valid as they stand, so for them the tail of
         # T = -log p_comb is even known: P(T >= x) <= exp(-x).
         self.combined = None if fold_b is None else TailCalibrator(
             self.tail_frac, trim=self.trim, log_pvalue=self.method in _VALID_UNDER_DEPENDENCE,
+            trimmed_are_normal=self.trimmed_are_normal,
         ).fit(self._statistic(fold_b, self._log_pvalues(fold_b)))
         return self
 
@@ -178,6 +183,7 @@ class CombinedTest:
             "seed": self.seed,
             "trim": self.trim,
             "two_stage": self.two_stage,
+            "trimmed_are_normal": self.trimmed_are_normal,
             "names": list(self.names),
             "calibrators": [cal.state() for cal in self.calibrators],
             "combined": None if self.combined is None else self.combined.state(),
@@ -195,6 +201,7 @@ class CombinedTest:
             seed=int(state["seed"]),
             trim=float(state.get("trim", 0.0)),
             two_stage=bool(state.get("two_stage", True)),
+            trimmed_are_normal=bool(state.get("trimmed_are_normal", True)),
         )
         self.names = [str(n) for n in state["names"]]
         self.calibrators = [TailCalibrator.from_state(s) for s in state["calibrators"]]

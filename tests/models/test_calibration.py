@@ -448,3 +448,65 @@ def test_contaminated_calibration_still_yields_a_false_discovery_controlled_list
         if hits.any():
             assert (hits & ~truth).sum() / hits.sum() <= 0.15  # realised FDR near or below 0.1
     assert found[0.0] < 60 and found[0.05] > 120
+
+
+def test_trimmed_outliers_can_leave_the_calibration_set_and_fresh_normals_stay_valid():
+    # 3 % anomalies among 400 "normal" calibration objects, as a single dirty tile holds.
+    rng = np.random.default_rng(7)
+    normal = rng.normal(size=400)
+    calib = np.concatenate([normal, rng.uniform(8, 12, size=12)])
+    kept_normal = TailCalibrator(trim=0.05).fit(calib)
+    left = TailCalibrator(trim=0.05, trimmed_are_normal=False).fit(calib)
+    assert kept_normal.trimmed == left.trimmed >= 6
+    r, n = left.trimmed, calib.size
+    top = np.array([left.values.max()])
+    # conservative: the removed count above every kept value; otherwise they are gone
+    assert kept_normal.pvalues(top)[0] == pytest.approx((2 + r) / (n + 1))
+    assert left.pvalues(top)[0] == pytest.approx(2 / (n - r + 1))
+    # inside the kept range the two differ by the r removed values only
+    x = np.linspace(-2, 2, 9)
+    np.testing.assert_allclose(kept_normal.pvalues(x) * (n + 1) - r, left.pvalues(x) * (n - r + 1), atol=1e-9)
+    # fresh normal objects, over many dirty calibration sets (conformal validity is marginal):
+    # P(p <= t) <= t, with binomial slack of ~3 standard errors
+    p = np.concatenate([
+        TailCalibrator(trim=0.05, trimmed_are_normal=False).fit(
+            np.concatenate([rng.normal(size=400), rng.uniform(8, 12, size=12)])).pvalues(rng.normal(size=250))
+        for _ in range(200)])
+    for t in (0.002, 0.01, 0.05, 0.2):
+        assert (p <= t).mean() <= t + 3 * np.sqrt(t / p.size)
+    # and a state round trip keeps the reading
+    np.testing.assert_array_equal(TailCalibrator.from_state(left.state()).pvalues(x), left.pvalues(x))
+
+
+def test_trimmed_outliers_leaving_the_set_keep_a_false_discovery_controlled_list_on_a_dirty_tile():
+    # Four positively dependent statistics with exponential tails (as maxima and -log p have);
+    # 3 % of the calibration objects are anomalies, strong in one statistic each.
+    rng = np.random.default_rng(11)
+    k = 4
+
+    def normals(n):
+        z = (0.5 * rng.normal(size=(n, 1)) + rng.normal(size=(n, k))) / np.sqrt(1.25)
+        return -stats.norm.logsf(z)
+
+    def anomalies(n, shift):
+        s = normals(n)
+        s[np.arange(n), rng.integers(0, k, n)] += shift
+        return s
+
+    truth = np.r_[np.zeros(1900), np.ones(100)].astype(bool)
+    found, fdp = {}, {}
+    for case in ("clean", "trimmed are normal", "trimmed leave"):
+        hits_all, false_all = [], []
+        for _ in range(20):
+            calib = normals(300) if case == "clean" else np.concatenate([normals(291), anomalies(9, 15.0)])
+            test = np.concatenate([normals(1900), anomalies(100, 7.0)])
+            ct = CombinedTest("simes", trimmed_are_normal=case != "trimmed leave").fit(None, calib, list("abcd"))
+            hits = bh_qvalues(ct.pvalues(test)["p_value"]) <= 0.1
+            hits_all.append(hits.sum())
+            false_all.append((hits & ~truth).sum() / max(hits.sum(), 1))
+        found[case], fdp[case] = np.mean(hits_all), np.mean(false_all)
+    # BH at q = 0.1 with 95 % nulls: E[FDP] <= 0.095; 0.03 is ~3 standard errors of a 20-draw mean
+    assert all(f <= 0.095 + 0.03 for f in fdp.values()), fdp
+    # the conservative reading lists almost nothing on the dirty tile; believing the test recovers most of the clean list
+    assert found["trimmed are normal"] < 0.2 * found["clean"]
+    assert found["trimmed leave"] > 0.6 * found["clean"], found

@@ -182,3 +182,33 @@ def test_grouping_space_groups_by_departure_not_by_galaxy():
     # without descriptors it falls back to the statistics, and copes with nothing at all
     assert grouping_space(statistics).shape[0] == 2 * n
     assert grouping_space(np.zeros((3, 0))).shape == (3, 1)
+
+
+def test_descriptors_let_the_gp_tell_a_kind_of_departure_the_latents_and_statistics_hide():
+    # galaxies of every kind (latents), one anomaly statistic alike for both kinds of departure;
+    # only the residual's descriptors say which kind ("artefact": columns 0-1, else columns 2-3)
+    rng = np.random.default_rng(3)
+    n = 120
+    latents = rng.normal(size=(n, 8)) * np.r_[20.0, np.ones(7)]
+    kind = rng.integers(0, 2, n)
+    descriptors = rng.normal(0, 0.3, (n, 4))
+    descriptors[kind == 1, :2] += 5.0
+    descriptors[kind == 0, 2:] += 5.0
+    statistics = rng.normal(6.0, 1.0, (n, 2))
+    fit, rest = np.arange(40), np.arange(40, n)
+
+    def auroc(X):
+        mu, _ = RelevanceModel().fit(X[fit], kind[fit].astype(float)).predict(X[rest])
+        pos, neg = mu[kind[rest] == 1], mu[kind[rest] == 0]
+        return float((pos[:, None] > neg[None, :]).mean())
+
+    without = FeatureSpace.fit(latents, statistics)
+    with_d = FeatureSpace.fit(latents, statistics, descriptors)
+    assert auroc(without.transform(latents, statistics)) < 0.7
+    assert auroc(with_d.transform(latents, statistics, descriptors)) > 0.95
+    # a space fitted without descriptors ignores them; one fitted with them needs them
+    np.testing.assert_array_equal(without.transform(latents, statistics, descriptors), without.transform(latents, statistics))
+    with pytest.raises(ValueError, match="descriptors"):
+        with_d.transform(latents, statistics)
+    back = FeatureSpace.from_state(with_d.state())
+    np.testing.assert_allclose(back.transform(latents, statistics, descriptors), with_d.transform(latents, statistics, descriptors))

@@ -84,6 +84,11 @@ def test_relevance_state_round_trips_as_plain_arrays():
     assert back.known_group(z, s, d).tolist() == kg.assign(G).tolist()
     # a state saved before the grouping space assigns in the relevance space, as it did
     assert rv.RelevanceState.from_bytes(state.to_bytes()).known_group(z, s, d).tolist() == groups.assign(X).tolist()
+    # a relevance space with the descriptors beside the statistics travels with them
+    space_d = rel.FeatureSpace.fit(z, s, d)
+    Xd = space_d.transform(z, s, d)
+    back = rv.RelevanceState.from_bytes(rv.RelevanceState(space_d, model, kg, "abc", "m/1", grouping).to_bytes())
+    np.testing.assert_allclose(back.features(z, s, d), Xd)
 
 
 def test_labels_digest_changes_with_any_label(scored_store):
