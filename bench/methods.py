@@ -95,8 +95,7 @@ def without(r: dict, drop: tuple[str, ...], args) -> dict:
     sub = quality.Evaluator([ev.names[j] for j in keep], S, ev.labels, ev.classes, ev.trim, ev.seed, ev.trimmed_are_normal)
     sel = {rule: sub.greedy(quality.synth_objective, [rule]) for rule in args.rules}
     winner = quality.best_listing(sel.values(), [sub])
-    loco = {c: quality.best_listing([sub.greedy(quality.classes_objective(c), [rule]) for rule in args.rules], [sub])
-            for c in sub.present}
+    loco = {c: sub.choose(quality.classes_objective(c), args.rules) for c in sub.present}
     return {"ev": sub, "winner": winner, "loco": loco}
 
 
