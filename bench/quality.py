@@ -28,6 +28,12 @@ What it does, per seed, under a temporary GSAFE_HOME:
    realised FDR), the one-sided KS check on fresh normals, every single statistic, and the peers
    (PCA residual, IsolationForest, PyOD ECOD and IForest on PCA features, a GMM on PCA features).
 
+`--config FIELD=VALUE` fits the detector with other settings (cached apart; settings only the statistics'
+models read, such as `fit_trim`, are assembled around the cached representation instead of training it
+again); `--train-anomalies 0.1` makes the training survey as dirty as a single crowded tile (use its own
+`--cache`); `--reviewed 0.02 0.05 1` adds what the defaults list once a reviewer has cleaned the
+calibration split's most extreme objects (the truth plays the reviewer).
+
     python bench/quality.py                      # 2 seeds × (3 000 + 3 000 cutouts), 64×64, grizy
     python bench/quality.py --seeds 0 --quick    # one seed, 1 000 + 1 000 cutouts, 5 epochs
 """
@@ -71,6 +77,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--trimmed-are-normal", type=int, choices=(0, 1), default=1,
                    help="calibration: 1 = calibration outliers removed by the trim still count as normal objects "
                         "(conservative, the default everywhere), 0 = they leave the calibration set (rejected: FDR above q)")
+    p.add_argument("--reviewed", type=float, nargs="*", default=[],
+                   help="also report the defaults when a reviewer has inspected this share of the calibration split "
+                        "(the objects most extreme under each statistic) and its anomalies left it (the truth plays "
+                        "the reviewer; 1 = a clean calibration split): what a cleaner calibration would list")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     p.add_argument("--pca", type=int, default=32, help="PCA components of the peers")
     p.add_argument("--no-peers", action="store_true", help="skip the peers")
@@ -119,8 +129,13 @@ def config_overrides(args) -> dict:
     return out
 
 
-def config_tag(args) -> str:
-    return "".join(f"_{k}{v}" for k, v in sorted(config_overrides(args).items()))
+# DetectorConfig fields that only the statistics' models read (Detector.assemble): a detector cached
+# without them is re-assembled around its trained representation instead of trained again
+ASSEMBLY_FIELDS = frozenset({"fit_trim"})
+
+
+def config_tag(args, leave_out=frozenset()) -> str:
+    return "".join(f"_{k}{v}" for k, v in sorted(config_overrides(args).items()) if k not in leave_out)
 
 
 def fit_detector(train_url: str, settings, args, seed: int, where):
@@ -129,6 +144,22 @@ def fit_detector(train_url: str, settings, args, seed: int, where):
     from tasks.train import fit_detector_task
 
     path = where / f"detector{seed}_{args.train}_{args.epochs}{config_tag(args)}.bin"
+    overrides = config_overrides(args)
+    base = where / f"detector{seed}_{args.train}_{args.epochs}{config_tag(args, ASSEMBLY_FIELDS)}.bin"
+    if not path.exists() and base != path and base.exists():
+        # only settings of the statistics' models differ from a cached fit: assembled around its representation
+        from infra.batches import StoreBatches
+        from tasks.train import store_splits
+
+        det = Detector.from_bytes(base.read_bytes())
+        split, b = store_splits(train_url), det._bundle
+        config = dataclasses.replace(det.config, statistics=STATISTICS,
+                                     **{k: v for k, v in overrides.items() if k in ASSEMBLY_FIELDS})
+        with Timer() as t:
+            det = Detector.assemble(b.normaliser, b.net, StoreBatches(train_url, split["train"], config.batch_size),
+                                    StoreBatches(train_url, split["calib"], config.batch_size), config=config, bands=det.bands)
+        path.write_bytes(det.to_bytes())
+        return det, t.seconds
     if path.exists():
         det = Detector.from_bytes(path.read_bytes())
         if set(STATISTICS) <= set(det.statistic_names):
@@ -381,6 +412,7 @@ def run_seed(seed: int, args, home, where) -> dict:
     out.update(ev=ev, sel=sel, winner=winner, loco=loco, names=names, labels=labels, classes=classes)
     out["defaults_match"] = is_default(*winner[:2])
     out["n_calib"] = len(S["calib"])
+    out["calib_labels"] = np.asarray(train.read_catalog(["label"])["label"]).astype(int)[split["calib"]]
     out["singles"] = {n: {"all": auroc(S["test"][:, j], labels),
                           **{c: auroc(S["test"][(labels == 0) | (classes == c), j], classes[(labels == 0) | (classes == c)] == c)
                              for c in ev.present}} for j, n in enumerate(names)}
@@ -473,6 +505,22 @@ def best_listing(candidates, evs) -> tuple[tuple[str, ...], str, float]:
     return max(listing or candidates, key=lambda c: c[2])
 
 
+def reviewed_calibration(r: dict, stats, rule, share: float) -> tuple[dict, int, int]:
+    """(the evaluation, objects inspected, anomalies removed) of (stats, rule) on a seed's test survey once a
+    reviewer has inspected the `share` of its calibration split most extreme under each statistic and the
+    anomalies among them have left it (label-trimming, Bashari et al. 2025, arXiv:2502.04807; the truth
+    plays the reviewer). The calibrators keep their own conservative trim on what is left."""
+    ev, calib, truth = r["ev"], r["ev"].S["calib"], r["calib_labels"]
+    m = int(np.ceil(share * len(calib)))
+    seen = set()
+    for name in stats:
+        seen |= set(np.argsort(-calib[:, ev.names.index(name)], kind="stable")[:m].tolist())
+    removed = np.array(sorted(i for i in seen if truth[i] == 1), int)
+    cleaner = Evaluator(ev.names, dict(ev.S, calib=np.delete(calib, removed, axis=0)), ev.labels, ev.classes,
+                        ev.trim, ev.seed, ev.trimmed_are_normal)
+    return cleaner.run(tuple(stats), rule), len(seen), len(removed)
+
+
 def pooled_selection(results: dict, rules, objective=synth_objective) -> tuple[tuple[str, ...], str, float]:
     """Greedy forward selection, as :meth:`Evaluator.greedy`, on the synthetic objective averaged over
     every seed, per rule; then the best rule whose set lists synthetic perturbations on every seed
@@ -542,6 +590,20 @@ def main() -> None:
                      x["listed"], x["fdr"], best, peer, "yes" if r["defaults_match"] else "no"])
     print_table(rows, ["seed", "seed's winner (class-free)", "all", "min class", "mean class", "LOCO min", "LOCO mean",
                        "listed", "FDR", "best single", "best peer", "= defaults"])
+    if args.reviewed:
+        from gsafe_models.detector import DetectorConfig
+
+        d, rows = DetectorConfig(), []
+        for seed, r in results.items():
+            for share in [0.0, *args.reviewed]:
+                x, seen, removed = reviewed_calibration(r, d.statistics, d.combination, share)
+                rows.append([seed, f"{share:.0%}", seen, f"{removed} of {int(r['calib_labels'].sum())}", x["all"],
+                             synth_list(x), x["listed"], x["fdr"], x["discoveries"]])
+        print_table(rows, ["seed", "reviewed", "inspected", "anomalies removed", "AUROC", "synthetic list", "listed",
+                           "realised FDR", f"listed q≤{ALPHA}"],
+                    f"the defaults ({d.combination}) when a reviewer has inspected the calibration split's most extreme "
+                    f"objects per statistic and removed its anomalies (100 % = a clean calibration split)")
+
     if pooled is not None:  # the defaults' choice: one class-free selection on both seeds at once
         stats, rule, _ = pooled
         w = [results[s]["ev"].run(stats, rule) for s in results]

@@ -39,6 +39,9 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="DetectorConfig fields to set for both fitted detectors, e.g. fit_trim=0.1 (to report a setting "
+                        "on real pixels; defaults are never chosen here)")
     return p.parse_args()
 
 
@@ -150,7 +153,7 @@ def main() -> None:
         from infra.truth import attach_truth, read_truth
         from tasks.train import fit_detector_task
 
-        from quality import peer_methods, stretched
+        from quality import config_overrides, peer_methods, stretched
 
         settings = Settings(home=home, progress=False, cutout_size=args.size, bands=("g", "r", "i"), chunk_size=256)
         tile, cat, truth, n, n_anom = make_tile(args, home)
@@ -161,7 +164,7 @@ def main() -> None:
             attach_truth(store, read_truth(truth))
         print(f"tile: {n} sources detected, {n_anom} with a planted anomaly ({args.frac:.0%}); {summary.line()} in {t.seconds:.0f} s")
 
-        overrides = {"seed": args.seed} | ({"epochs": args.epochs} if args.epochs else {})
+        overrides = {"seed": args.seed} | ({"epochs": args.epochs} if args.epochs else {}) | config_overrides(args)
         with Timer() as t:
             det = Detector.from_bytes(fit_detector_task.fn(url, dataclasses.asdict(DetectorConfig(**overrides)), settings.model_dump(mode="json")))
         print(f"default detector ({det.config.combination}: {', '.join(det.statistic_names)}) trained on the tile in {t.seconds:.0f} s")
