@@ -462,11 +462,7 @@ class Detector:
             raise ValueError(f"Detector: images have shape {images.shape}, expected (N, {', '.join(map(str, self.image_shape))})")
         if variance is not None and np.shape(variance) != images.shape:
             raise ValueError(f"Detector: variances have shape {np.shape(variance)}, expected the images' {images.shape}")
-        dev = self._device()
-        for i in range(0, len(images), _CHUNK):
-            x = torch.as_tensor(np.asarray(images[i : i + _CHUNK], dtype=np.float32)).to(dev)
-            v = None if variance is None else torch.as_tensor(np.asarray(variance[i : i + _CHUNK], dtype=np.float32)).to(dev)
-            yield x, v
+        yield from _tensor_chunks(images, variance, self._device())
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> np.ndarray:
@@ -680,6 +676,7 @@ def _sample_data(bundle: _Bundle, sample: np.ndarray, variance: np.ndarray | Non
 
 
 def _tensor_chunks(images: np.ndarray, variance: np.ndarray | None, device: torch.device) -> Iterator[tuple[Tensor, Tensor | None]]:
+    r"""Yields raw cutouts and their variances (or None) as float32 tensors on `device`, `_CHUNK` at a time."""
     for i in range(0, len(images), _CHUNK):
         yield (torch.as_tensor(np.asarray(images[i : i + _CHUNK], np.float32)).to(device),
                None if variance is None else torch.as_tensor(np.asarray(variance[i : i + _CHUNK], np.float32)).to(device))
