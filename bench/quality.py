@@ -81,6 +81,16 @@ def parse_args() -> argparse.Namespace:
                    help="also report the defaults when a reviewer has inspected this share of the calibration split "
                         "(the objects most extreme under each statistic) and its anomalies left it (the truth plays "
                         "the reviewer; 1 = a clean calibration split): what a cleaner calibration would list")
+    p.add_argument("--crossfit", type=int, default=0, metavar="K",
+                   help="cross-fitted calibration (DetectorConfig.calibration_folds): the training objects' statistics "
+                        "from K refits of the statistics' models, each without one fold, join the calibration split; "
+                        "only the statistics that do not read the representation take part (implies --pool rf)")
+    p.add_argument("--pool", choices=("all", "rf"), default="all",
+                   help="the statistics the protocol chooses from: all, or rf, those that do not read the trained "
+                        "representation (the ones cross-fitted calibration can take; to compare --crossfit with)")
+    p.add_argument("--time-training", action="store_true",
+                   help="only time `gsafe train`'s fit (fit_detector_task) of the default detector on each seed's training "
+                        "survey, as it is and with --crossfit K folds (simulated first when not cached), then stop")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
     p.add_argument("--pca", type=int, default=32, help="PCA components of the peers")
     p.add_argument("--no-peers", action="store_true", help="skip the peers")
@@ -179,6 +189,35 @@ def fit_detector(train_url: str, settings, args, seed: int, where):
         payload = fit_detector_task.fn(train_url, dataclasses.asdict(DetectorConfig(**overrides)), settings.model_dump(mode="json"))
     path.write_bytes(payload)
     return Detector.from_bytes(payload), t.seconds
+
+
+def crossfit_matrix(det, train_url: str, split: dict, args, seed: int, names: list[str], where) -> tuple[np.ndarray, np.ndarray]:
+    """The training objects' statistics `names` from `--crossfit` K refits of their models around the cached
+    representation, each without one fold, as `Detector.assemble` computes them with `calibration_folds=K`
+    (the sample parts on the same first cutouts of the shuffled training stream); and their labels, in the
+    same order (cached)."""
+    import torch
+
+    from gsafe_models.detector import _content_folds, _crossfit_statistics, _take
+    from infra.batches import StoreBatches
+    from infra.store import SurveyStore
+
+    cached = where / f"crossfit{seed}_{args.train}_{args.epochs}{config_tag(args)}_k{args.crossfit}.npz"
+    if cached.exists() and list(np.load(cached)["names"]) == names:
+        with np.load(cached) as z:
+            return z["S"], z["labels"]
+    config = dataclasses.replace(det.config, statistics=tuple(names), calibration_folds=args.crossfit)
+    sample = _take(StoreBatches(train_url, split["train"], config.batch_size, shuffle=True, seed=config.seed, variance=True),
+                   config.normaliser_sample)
+    rows = np.sort(split["train"])
+    S = _crossfit_statistics(det._bundle, StoreBatches(train_url, rows, config.batch_size, variance=True), sample, config,
+                             names, torch.device("cpu"))
+    store = SurveyStore.open(train_url)
+    fold = np.concatenate([_content_folds(store.read_rows(rows[i:i + 512]), args.crossfit) for i in range(0, len(rows), 512)])
+    labels = np.asarray(store.read_catalog(["label"])["label"]).astype(int)[rows]
+    labels = np.concatenate([labels[fold == k] for k in range(args.crossfit)])
+    np.savez(cached, names=np.array(names), S=S, labels=labels)
+    return S, labels
 
 
 def statistics_matrix(det, images: np.ndarray, names: list[str]) -> np.ndarray:
@@ -400,6 +439,19 @@ def run_seed(seed: int, args, home, where) -> dict:
     if args.prepare:
         return out
 
+    calib_labels = np.asarray(train.read_catalog(["label"])["label"]).astype(int)[split["calib"]]
+    if args.crossfit or args.pool == "rf":
+        from gsafe_models.registry import reads_representation
+
+        keep = [n for n in names if not reads_representation([n])]
+        S = {k: v[:, [names.index(n) for n in keep]] for k, v in S.items()}
+        names = keep
+        if args.crossfit:
+            with Timer() as t:
+                oof, oof_labels = crossfit_matrix(det, train_url, split, args, seed, names, where)
+            out["seconds"]["cross-fitted statistics"] = t.seconds
+            S["calib"] = np.concatenate([S["calib"], oof])
+            calib_labels = np.concatenate([calib_labels, oof_labels])
     ev = Evaluator(names, S, labels, classes, det.config.calibration_trim, seed, bool(args.trimmed_are_normal))
     objective = OBJECTIVES[args.objective]
     with Timer() as t, _MemoTail():
@@ -412,7 +464,7 @@ def run_seed(seed: int, args, home, where) -> dict:
     out.update(ev=ev, sel=sel, winner=winner, loco=loco, names=names, labels=labels, classes=classes)
     out["defaults_match"] = is_default(*winner[:2])
     out["n_calib"] = len(S["calib"])
-    out["calib_labels"] = np.asarray(train.read_catalog(["label"])["label"]).astype(int)[split["calib"]]
+    out["calib_labels"] = calib_labels
     out["singles"] = {n: {"all": auroc(S["test"][:, j], labels),
                           **{c: auroc(S["test"][(labels == 0) | (classes == c), j], classes[(labels == 0) | (classes == c)] == c)
                              for c in ev.present}} for j, n in enumerate(names)}
@@ -532,6 +584,25 @@ def pooled_selection(results: dict, rules, objective=synth_objective) -> tuple[t
         return best_listing(per_rule, evs)
 
 
+def time_training(args, home, where) -> None:
+    """Seconds of the default detector's fit on each seed's training survey, with and without cross-fitting."""
+    from gsafe_models.detector import DetectorConfig
+    from infra.settings import Settings
+    from tasks.train import fit_detector_task
+
+    settings = Settings(home=home, progress=False, cutout_size=args.size)
+    rows = []
+    for seed in args.seeds:
+        train_url, _ = simulate(where, settings, args, seed)
+        for folds in sorted({0, args.crossfit}):
+            config = dataclasses.asdict(DetectorConfig(seed=seed, calibration_folds=folds, **({"epochs": args.epochs} if args.epochs else {})))
+            with Timer() as t:
+                fit_detector_task.fn(train_url, config, settings.model_dump(mode="json"))
+            rows.append([seed, folds, args.train, t.seconds])
+            print(f"seed {seed}: calibration_folds={folds}: {t.seconds:.0f} s", flush=True)
+    print_table(rows, ["seed", "calibration_folds", "training cutouts", "fit seconds"], "the default detector's fit (gsafe train)")
+
+
 def main() -> None:
     args = parse_args()
     threads = set_threads(args.threads)
@@ -541,6 +612,9 @@ def main() -> None:
     with bench_home("quality") as home:
         where = Path(args.cache) if args.cache else home
         where.mkdir(parents=True, exist_ok=True)
+        if args.time_training:
+            time_training(args, home, where)
+            return
         if args.prepare:
             for seed in args.seeds:
                 print(f"seed {seed}: prepared {run_seed(seed, args, home, where)['seconds']}")
@@ -565,8 +639,12 @@ def main() -> None:
         print(f"\nclass-free selection on every seed's synthetic perturbations at once (objective {obj:.3f}): "
               f"{rule}: {short(stats)} — {'= the defaults' if is_default(stats, rule) else 'NOT the defaults'}")
         rows = []
-        for label, (st, ru) in {"pooled winner": (stats, rule), "previous defaults": PREVIOUS_DEFAULTS,
-                                "every statistic": (None, "dose")}.items():
+        from gsafe_models.detector import DetectorConfig
+
+        for label, (st, ru) in {"pooled winner": (stats, rule), "defaults": (DetectorConfig().statistics, DetectorConfig().combination),
+                                "previous defaults": PREVIOUS_DEFAULTS, "every statistic": (None, "dose")}.items():
+            if st is not None and not set(st) <= set(next(iter(results.values()))["ev"].names):
+                continue  # a set outside the pool (--pool rf)
             for seed, r in results.items():
                 x, cl, best = on_test(r, r["ev"].names if st is None else st, ru)
                 rows.append([f"{label}, {ru}", seed, x["all"], min(cl), float(np.mean(cl)), x["listed"], x["fdr"], best,

@@ -15,7 +15,10 @@ a user hunts a new tile: train on the tile itself (a small, dirty set), score it
 3. `gsafe ingest TILE --catalog CAT` (the library call), truth joined, a Detector fitted exactly as
    `gsafe train` fits it (defaults; the tile's own train / val / calib split), every object scored;
 4. AUROC overall and per kind for gsafe's defaults, each of its statistics, and the peers (the
-   detector's own asinh stretch, as in `bench/quality.py`).
+   detector's own asinh stretch, as in `bench/quality.py`). The field is crowded (a 32-pixel cutout holds
+   ~1.6 sources), so the cutouts of ~30 % of the normal sources hold light planted beside a neighbour (a
+   pixel ≥ 1σ of the band noise): a scientist would flag those cutouts too, so they are left out of the
+   figures (neither normal nor anomalous) and the defaults' AUROC with them counted as normal is printed.
 
     python bench/realpixels.py            # ~1 000 sources, 32 × 32, a few minutes on 2 cores
 """
@@ -125,9 +128,15 @@ def make_tile(args, where):
     ys, xs = ys[order], xs[order]
     n_anom = int(round(args.frac * len(ys)))
     kinds = np.array([""] * len(ys), dtype=object)
+    before = tile.copy()
     for i in range(n_anom):
         kinds[i] = KINDS[i % len(KINDS)]
         plant(tile, ys[i], xs[i], kinds[i], rng, noise, args.size)
+    # the field is crowded: a source's cutout can hold light planted beside a neighbour (a trail, a point
+    # source, a recoloured galaxy); such a source is neither normal nor its own anomaly
+    planted = (np.abs(tile - before) / noise[:, None, None]).max(0)
+    half = args.size // 2
+    leak = np.array([planted[int(y) - half:int(y) + half, int(x) - half:int(x) + half].max() >= 1.0 for y, x in zip(ys, xs)])
     tile = np.clip(np.round(tile), 0, 255).astype(np.float32)  # back to the 8-bit product's values
     ids = np.array([f"hdf-{i:05d}" for i in range(len(ys))])
     fits.PrimaryHDU(tile).writeto(where / "tile.fits", overwrite=True)
@@ -137,7 +146,8 @@ def make_tile(args, where):
             f.write(f"{o},{x:.2f},{y:.2f}\n")
     write_truth(where / "truth.fits", {"object_id": ids, "label": (kinds != "").astype(np.int16),
                                         "anomaly_class": kinds.astype(str)})
-    return where / "tile.fits", where / "catalog.csv", where / "truth.fits", len(ys), n_anom
+    shows_neighbours = {o for o, k, lk in zip(ids, kinds, leak) if lk and not k}
+    return where / "tile.fits", where / "catalog.csv", where / "truth.fits", len(ys), n_anom, shows_neighbours
 
 
 def main() -> None:
@@ -156,7 +166,7 @@ def main() -> None:
         from quality import config_overrides, peer_methods, stretched
 
         settings = Settings(home=home, progress=False, cutout_size=args.size, bands=("g", "r", "i"), chunk_size=256)
-        tile, cat, truth, n, n_anom = make_tile(args, home)
+        tile, cat, truth, n, n_anom, shows_neighbours = make_tile(args, home)
         url = str(home / "hdf.zarr")
         with Timer() as t:
             summary = ingest(str(tile), url, settings=settings, catalog=str(cat), progress=False)
@@ -169,8 +179,10 @@ def main() -> None:
             det = Detector.from_bytes(fit_detector_task.fn(url, dataclasses.asdict(DetectorConfig(**overrides)), settings.model_dump(mode="json")))
         print(f"default detector ({det.config.combination}: {', '.join(det.statistic_names)}) trained on the tile in {t.seconds:.0f} s")
         images = store.read_images()
-        c = store.read_catalog(["label", "anomaly_class"])
+        c = store.read_catalog(["label", "anomaly_class", "object_id"])
         labels, classes = np.asarray(c["label"]).astype(int), np.asarray(c["anomaly_class"]).astype(str)
+        # normal sources whose cutout holds a neighbour's planted light are left out of every figure below
+        judged = ~np.isin(np.asarray(c["object_id"]).astype(str), sorted(shows_neighbours))
         out = det.score(images)
         scores = {f"gsafe defaults ({det.config.combination})": out["score"]}
         with Timer() as t:
@@ -181,13 +193,16 @@ def main() -> None:
         X = stretched(det, images)
         scores.update(peer_methods(X, X, 32, args.seed))
         present = sorted(set(classes[labels == 1]))
+        everyone = per_class_report(np.nan_to_num(out["score"], nan=-np.inf), labels, classes)["all"]["auroc"]
         rows = []
         for name, s in scores.items():
-            rep = per_class_report(np.nan_to_num(s, nan=-np.inf), labels, classes)
+            rep = per_class_report(np.nan_to_num(s[judged], nan=-np.inf), labels[judged], classes[judged])
             rows.append([name, rep["all"]["auroc"]] + [rep[k]["auroc"] for k in present])
         print_table(rows, ["method (trained and scored on the tile)", "all"] + list(present),
-                    f"AUROC on the real tile ({int((labels == 0).sum())} sources, {int(labels.sum())} planted anomalies)")
-        q = out["q_value"]
+                    f"AUROC on the real tile ({int((labels[judged] == 0).sum())} sources, {int(labels.sum())} planted anomalies; "
+                    f"{int((~judged).sum())} sources whose cutout shows a neighbour's planted anomaly left out)")
+        print(f"gsafe defaults with those {int((~judged).sum())} counted as normal: AUROC {everyone:.3f}")
+        q = np.where(judged, out["q_value"], np.inf)  # BH over every source; the left-out ones neither true nor false
         listed = q <= 0.1
         best_peer = max((r for r in rows if not r[0].startswith(("gsafe", "  "))), key=lambda r: r[1])
         print(f"realpixels: gsafe defaults AUROC {rows[0][1]:.3f} vs best peer {best_peer[1]:.3f} ({best_peer[0]}); "

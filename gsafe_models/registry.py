@@ -178,11 +178,16 @@ class Feature:
         name: Its key.
         compute: Maps a :class:`Pass` to the quantity.
         parts: Fitted parts it reads (sample parts: fitted before the survey pass).
+        representation: Whether it reads the trained representation (its latents or its
+            reconstruction), which was fitted on every training object: such a feature of a
+            training object is not what it would be for a new object, so calibration cannot be
+            cross-fitted over the training objects with it.
     """
 
     name: str
     compute: Callable[[Pass], Tensor]
     parts: tuple[str, ...] = ()
+    representation: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,9 +237,9 @@ PARTS: dict[str, Part] = {}
 STATISTICS: dict[str, Statistic] = {}
 
 
-def _feature(name: str, parts: tuple[str, ...] = ()):
+def _feature(name: str, parts: tuple[str, ...] = (), representation: bool = False):
     def deco(fn):
-        FEATURES[name] = Feature(name, fn, parts)
+        FEATURES[name] = Feature(name, fn, parts, representation)
         return fn
 
     return deco
@@ -282,21 +287,29 @@ def requirements(names: Iterable[str]) -> tuple[list[str], list[str]]:
     return feats, order
 
 
+def reads_representation(names: Iterable[str]) -> list[str]:
+    r"""Returns those of statistics `names` that read the trained representation (a feature with
+    :py:`representation=True`; photometry fills missing pixels from the reconstruction, which
+    does not count)."""
+
+    return [n for n in names if any(FEATURES[f].representation for f in requirements([n])[0])]
+
+
 # ---------------------------------------------------------------------------------------------
 # Features
 
 
-@_feature("z")
+@_feature("z", representation=True)
 def _z(p: Pass) -> Tensor:
     return p.z
 
 
-@_feature("G")
+@_feature("G", representation=True)
 def _g(p: Pass) -> Tensor:
     return reconstruction_residual(p.x, p.x_hat, p.mask)
 
 
-@_feature("C")
+@_feature("C", representation=True)
 def _c(p: Pass) -> Tensor:
     # missing pixels take the reconstruction's value, so they add nothing to C
     net, x, m = p.bundle.net, p.x, p.mask
@@ -305,7 +318,7 @@ def _c(p: Pass) -> Tensor:
     return feature_residual(net.features(filled, ones), net.features(p.x_hat, ones))
 
 
-@_feature("peaks")
+@_feature("peaks", representation=True)
 def _peaks(p: Pass) -> Tensor:
     local = local_residual(p.x, p.x_hat, p.mask)  # one map for both peaks
     return torch.stack([peak_of(local), peak_of(local, p.apertures[2])], 1)
@@ -315,12 +328,12 @@ def _noise_units_residual(p: Pass) -> Tensor:
     return p.mask * (p.x - p.x_hat) / p.bundle.normaliser.unit_noise.view(1, -1, 1, 1).to(p.x)
 
 
-@_feature("sharpness")
+@_feature("sharpness", representation=True)
 def _sharpness(p: Pass) -> Tensor:
     return sharpness(_noise_units_residual(p))
 
 
-@_feature("line")
+@_feature("line", representation=True)
 def _line(p: Pass) -> Tensor:
     return line_residual(_noise_units_residual(p), p.mask)
 
@@ -343,7 +356,7 @@ def _morphometry(p: Pass) -> Tensor:
     return morphometry(p.noise_units, ap, outer)
 
 
-@_feature("chi", parts=("chi_scanner",))
+@_feature("chi", parts=("chi_scanner",), representation=True)
 def _chi(p: Pass) -> Tensor:
     return p.bundle.parts["chi_scanner"].features(p.x - p.x_hat, p.x_hat, p.mask, p.known(p.x_hat))
 

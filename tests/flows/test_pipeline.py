@@ -209,3 +209,44 @@ def test_a_store_with_variance_planes_trains_and_scores_with_them(train_store, t
     want = det.score(noisy, q_values=False, variance=variance)["score"]
     np.testing.assert_allclose(table["score"], want, rtol=1e-6)
     assert not np.allclose(table["score"], det.score(noisy, q_values=False)["score"], rtol=1e-3)
+
+
+def test_review_labels_leave_every_split_and_cross_fit_the_calibration(train_store, tiny_model, settings, sdict, flows_ctx,
+                                                                       tmp_path):
+    # the scientist labelled the survey's anomalies interesting or artefact and one normal object
+    # not_interesting: the next training leaves the first out of every split, keeps the last, and
+    # cross-fits its calibration over the training objects so the cleaner split keeps FDR <= q
+    import mlflow
+
+    from flows.train import train_flow
+    from infra import labels as lab
+    from infra import tracking
+    from tasks.score import load_detector
+    from tasks.train import REVIEW_FOLDS, store_splits, training_plan
+
+    url = _copy(train_store, tmp_path, "reviewed.zarr")
+    store = SurveyStore.open(url, mode="r+")
+    cat = store.read_catalog(["object_id", "label"])
+    ids, truth = np.asarray(cat["object_id"]).astype(str), np.asarray(cat["label"]).astype(int)
+    anomalies = np.flatnonzero(truth == 1)
+    assert len(anomalies) >= 4
+    half = len(anomalies) // 2
+    lab.append_labels(store, lab.make_rows(list(ids[anomalies[:half]]), "interesting", model="tiny/1"))
+    lab.append_labels(store, lab.make_rows(list(ids[anomalies[half:]]), "artefact", model="tiny/1"))
+    normal = int(np.flatnonzero(truth == 0)[0])
+    lab.append_labels(store, lab.make_rows([ids[normal]], "not_interesting", model="tiny/1"))
+
+    config, leave_out = training_plan(url, tiny_model)
+    assert sorted(leave_out) == sorted(anomalies) and config["calibration_folds"] == REVIEW_FOLDS
+    assert training_plan(url, tiny_model | {"calibration_folds": 0})[0]["calibration_folds"] == 0  # the user's word stands
+    assert "calibration_folds" not in training_plan(url, tiny_model | {"statistics": ("chi_density_pca", "G")})[0]
+
+    r = train_flow(url, "tiny_reviewed", tiny_model, sdict)
+    det = load_detector(tracking.download_detector(tracking.ModelRef("tiny_reviewed", r["version"])))
+    split = store_splits(url)
+    kept = {k: np.setdiff1d(v, anomalies) for k, v in split.items()}
+    assert det.config.calibration_folds == REVIEW_FOLDS and det.diagnostics["reviewed_left_out"] == len(anomalies)
+    assert det.diagnostics["calibration_crossfit_n"] == len(kept["train"])
+    assert det.diagnostics["calibration_n"] == len(kept["calib"]) + len(kept["train"])
+    params = mlflow.get_run(r["run_id"]).data.params
+    assert params["calibration_folds"] == str(REVIEW_FOLDS) and params["reviewed_left_out"] == str(len(anomalies))

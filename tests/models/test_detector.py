@@ -147,6 +147,44 @@ def test_config_rejects_a_fit_trim_outside_its_range():
         DetectorConfig(fit_trim=0.5)
 
 
+def test_crossfit_calibration_holds_each_training_object_out_of_its_models(detector, survey):
+    """With calibration_folds=K every training object joins the calibration set, scored by models
+    fitted without its fold: fold 0's statistics are exactly those of a detector assembled on the
+    other folds alone; and fresh normal objects keep valid p-values."""
+    from gsafe_models.detector import _content_folds, _crossfit_statistics
+
+    names = DetectorConfig().statistics
+    train, b = survey["train"], detector._bundle
+    config = dataclasses.replace(detector.config, statistics=names, calibration_folds=4)
+    det = Detector.assemble(b.normaliser, b.net, _batches(train), _batches(survey["calib"][:40]), config=config, bands=BANDS)
+    assert det.diagnostics["calibration_crossfit_n"] == len(train) and det.diagnostics["calibration_n"] == len(train) + 40
+
+    fold = _content_folds(train, 4)
+    assert 0 < (fold == 0).sum() < len(train)
+    oof = _crossfit_statistics(b, _batches(train), (train, None), config, list(names), torch.device("cpu"))
+    plain = dataclasses.replace(config, calibration_folds=0)
+    without = Detector.assemble(b.normaliser, b.net, _batches(train[fold != 0]), _batches(survey["calib"]), config=plain, bands=BANDS)
+    expect = without.statistics(train[fold == 0])
+    np.testing.assert_allclose(oof[: (fold == 0).sum()], np.stack([expect[n] for n in names], 1), rtol=1e-5, atol=1e-6)
+    # the same objects under the final models (fitted on them) look more normal than out of fold
+    inside = det.statistics(train[fold == 0])["chi_density_pca"]
+    assert np.median(inside) < np.median(oof[: (fold == 0).sum(), list(names).index("chi_density_pca")])
+
+    test = survey["test"]
+    p = det.score(test.images[test.label == 0])["p_value"]
+    assert (p <= 0.1).mean() <= 0.1 + 2 * np.sqrt(0.1 * 0.9 / len(p))
+
+
+def test_config_rejects_crossfit_calibration_it_cannot_do():
+    with pytest.raises(ValueError, match=r"\['G'\] read the trained representation"):
+        DetectorConfig(statistics=("chi_density_pca", "G"), calibration_folds=5)
+    with pytest.raises(ValueError, match="calibration_folds=1 must be 0"):
+        DetectorConfig(calibration_folds=1)
+    with pytest.raises(ValueError, match="fit_trim"):
+        DetectorConfig(calibration_folds=5, fit_trim=0.1)
+    assert DetectorConfig(calibration_folds=5).calibration_folds == 5
+
+
 def test_describe_holds_the_chi_statistics_and_separates_departures(small_detector, survey):
     from gsafe_models.noise import ChiScanner
 
