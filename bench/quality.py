@@ -148,6 +148,17 @@ def config_tag(args, leave_out=frozenset()) -> str:
     return "".join(f"_{k}{v}" for k, v in sorted(config_overrides(args).items()) if k not in leave_out)
 
 
+def product_sample(train_url: str, split: dict, config):
+    """The cutouts `gsafe train` fits the sample parts (PCA basis, noise models, patch density) on: the first
+    `normaliser_sample` of its shuffled training stream. A re-assembly on any other sample changes every
+    statistic that reads those parts (seen 2026-12-03: the defaults' figures moved by up to 0.017)."""
+    from gsafe_models.detector import _take
+    from infra.batches import StoreBatches
+
+    return _take(StoreBatches(train_url, split["train"], config.batch_size, shuffle=True, seed=config.seed, variance=True),
+                 config.normaliser_sample)
+
+
 def fit_detector(train_url: str, settings, args, seed: int, where):
     """The Detector as `gsafe train` fits it (same split, same streaming), with every statistic."""
     from gsafe_models.detector import STATISTICS, Detector, DetectorConfig
@@ -167,7 +178,8 @@ def fit_detector(train_url: str, settings, args, seed: int, where):
                                      **{k: v for k, v in overrides.items() if k in ASSEMBLY_FIELDS})
         with Timer() as t:
             det = Detector.assemble(b.normaliser, b.net, StoreBatches(train_url, split["train"], config.batch_size),
-                                    StoreBatches(train_url, split["calib"], config.batch_size), config=config, bands=det.bands)
+                                    StoreBatches(train_url, split["calib"], config.batch_size), config=config, bands=det.bands,
+                                    sample=product_sample(train_url, split, config))
         path.write_bytes(det.to_bytes())
         return det, t.seconds
     if path.exists():
@@ -181,7 +193,8 @@ def fit_detector(train_url: str, settings, args, seed: int, where):
         split, b = store_splits(train_url), det._bundle
         config = dataclasses.replace(det.config, statistics=STATISTICS)
         det = Detector.assemble(b.normaliser, b.net, StoreBatches(train_url, split["train"], config.batch_size),
-                                StoreBatches(train_url, split["calib"], config.batch_size), config=config, bands=det.bands)
+                                StoreBatches(train_url, split["calib"], config.batch_size), config=config, bands=det.bands,
+                                sample=product_sample(train_url, split, config))
         path.write_bytes(det.to_bytes())
         return det, None
     overrides = {"seed": seed, "statistics": STATISTICS} | ({"epochs": args.epochs} if args.epochs else {}) | config_overrides(args)
@@ -198,7 +211,7 @@ def crossfit_matrix(det, train_url: str, split: dict, args, seed: int, names: li
     same order (cached)."""
     import torch
 
-    from gsafe_models.detector import _content_folds, _crossfit_statistics, _take
+    from gsafe_models.detector import _content_folds, _crossfit_statistics
     from infra.batches import StoreBatches
     from infra.store import SurveyStore
 
@@ -207,8 +220,7 @@ def crossfit_matrix(det, train_url: str, split: dict, args, seed: int, names: li
         with np.load(cached) as z:
             return z["S"], z["labels"]
     config = dataclasses.replace(det.config, statistics=tuple(names), calibration_folds=args.crossfit)
-    sample = _take(StoreBatches(train_url, split["train"], config.batch_size, shuffle=True, seed=config.seed, variance=True),
-                   config.normaliser_sample)
+    sample = product_sample(train_url, split, config)
     rows = np.sort(split["train"])
     S = _crossfit_statistics(det._bundle, StoreBatches(train_url, rows, config.batch_size, variance=True), sample, config,
                              names, torch.device("cpu"))

@@ -27,6 +27,8 @@ __all__ = [
     "gaussian_kernel",
     "smooth_normalised",
     "multiscale_chi",
+    "line_kernels",
+    "line_chi",
 ]
 
 import math
@@ -353,3 +355,55 @@ class ChiScanner(nn.Module):
                 cc.flatten(1).amax(1),
             ]
         return torch.stack(cols, 1)
+
+
+def line_kernels(length: int = 11, orientations: int = 12, width: float = 0.7, dtype: torch.dtype = torch.float32,
+                 device=None) -> Tensor:
+    r"""Returns `orientations` line kernels :math:`(n, 1, L, L)`: a segment of `length` pixels through
+    the centre at angles :math:`i \pi / n`, Gaussian across (width `width` pixels), each scaled to
+    :math:`\sum w^2 = 1`, so white unit-variance noise stays unit-variance under it.
+
+    Example:
+        >>> k = line_kernels(7, 4)
+        >>> k.shape, bool(torch.allclose(k.square().sum((1, 2, 3)), torch.ones(4)))
+        (torch.Size([4, 1, 7, 7]), True)
+    """
+
+    h = length // 2
+    t = torch.arange(-h, h + 1, dtype=torch.float64)
+    yy, xx = torch.meshgrid(t, t, indexing="ij")
+    out = []
+    for i in range(orientations):
+        a = math.pi * i / orientations
+        along, across = xx * math.cos(a) + yy * math.sin(a), -xx * math.sin(a) + yy * math.cos(a)
+        w = torch.exp(-0.5 * (across / width) ** 2) * (along.abs() <= h + 0.5)
+        out.append(w / w.square().sum().sqrt())
+    return torch.stack(out)[:, None].to(dtype=dtype, device=device)
+
+
+def line_chi(chi: Tensor, mask: Tensor, kernels: Tensor) -> Tensor:
+    r"""Returns the largest :math:`|\chi|` under any line kernel (:func:`line_kernels`) of each band
+    and of the band coadd, :math:`(N, B + 1)`: a matched filter for linear departures (satellite and
+    aeroplane trails, bad columns, diffraction spikes, arcs' segments), each response scaled as in
+    :func:`smooth_normalised` so that white unit-variance noise stays unit-variance whatever the mask.
+
+    Example:
+        >>> chi, mask = torch.randn(2, 1, 24, 24), torch.ones(2, 1, 24, 24)
+        >>> chi[1, 0, 12, 4:20] += 1.5  # a faint column, 16 pixels long
+        >>> f = line_chi(chi, mask, line_kernels(11, 8))
+        >>> f.shape, bool(f[1, 0] > f[0, 0])
+        (torch.Size([2, 2]), True)
+    """
+
+    import torch.nn.functional as F
+
+    N, B = chi.shape[:2]
+    coadd = (chi * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1.0).sqrt()
+    x = torch.cat([chi * mask, coadd], 1).reshape(N * (B + 1), 1, *chi.shape[-2:])
+    m = torch.cat([mask, (mask.sum(1, keepdim=True) > 0).to(mask)], 1).reshape(N * (B + 1), 1, *chi.shape[-2:])
+    k = kernels.to(chi)
+    pad = k.shape[-1] // 2
+    num = F.conv2d(x, k, padding=pad)
+    den = F.conv2d(m, k * k, padding=pad).clamp_min(1e-6).sqrt()
+    r = (num / den * (m > 0)).abs()
+    return r.flatten(1).amax(1).reshape(N, B + 1)

@@ -50,7 +50,7 @@ from torch import Tensor
 from .density import GaussianMixture
 from .flow import LatentFlow
 from .nets import PCABasis
-from .noise import ChiScanner
+from .noise import ChiScanner, line_chi, line_kernels
 from .patches import PatchDensity
 from .statistics import (
     Mahalanobis,
@@ -568,6 +568,31 @@ PARTS["chi_gmm_pca"] = Part("chi_gmm_pca", build=lambda **c: GaussianMixture(**c
 def _chi_density(f, parts):
     """−log p of the PCA residual's multi-scale χ descriptor under a Gaussian mixture of normal objects'"""
     return -parts["chi_gmm_pca"].log_prob(null_units(f["chi_pca"], parts["chi_null_pca"])).to(f["chi_pca"].dtype)
+
+
+# Linear departures: the PCA residual's χ under line kernels at 12 orientations (gsafe_models.noise.line_chi)
+
+_LINES: dict = {}
+
+
+@_feature("chi_line_pca", parts=("pca", "chi_scanner_pca"))
+def _chi_line_pca(p: Pass) -> Tensor:
+    key = (str(p.x.device), p.x.dtype)
+    if key not in _LINES:
+        _LINES[key] = line_kernels(11, 12, dtype=p.x.dtype, device=p.x.device)
+    scan = p.bundle.parts["chi_scanner_pca"]
+    chi = scan.noise.chi(p.x - p.pca_hat, p.pca_hat, p.mask, p.known(p.pca_hat))
+    return line_chi(chi, p.mask, _LINES[key])
+
+
+PARTS["chi_line_null_pca"] = Part("chi_line_null_pca", build=lambda **c: Constants(**c), features=("chi_line_pca",),
+                                  fit=_robust_scale("chi_line_pca"))
+
+
+@statistic("chi_line_pca", ("chi_line_pca",), ("chi_line_null_pca",))
+def _chi_line(f, parts):
+    """largest |χ| of the PCA residual under a line kernel (11 pixels, 12 orientations), any band or the coadd, in units of its null"""
+    return null_units(f["chi_line_pca"], parts["chi_line_null_pca"]).amax(1).to(f["chi_line_pca"].dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,3 +153,29 @@ def test_a_model_saved_before_known_variances_loads_as_fitted_without():
     loaded.load_state_dict(old)
     assert not bool(loaded.known)
     assert torch.equal(loaded.chi(r, x_hat, m, known), ResidualNoise(2).fit(r, x_hat, m).chi(r, x_hat, m))
+
+
+def test_line_chi_is_a_unit_variance_matched_filter_for_lines():
+    from gsafe_models.noise import line_chi, line_kernels
+
+    k = line_kernels(11, 12)
+    assert k.shape == (12, 1, 11, 11)
+    torch.testing.assert_close(k.square().sum((1, 2, 3)), torch.ones(12))
+    # a constant chi under one kernel, away from the edges: c * sum(w) / sqrt(sum(w^2)) exactly
+    c, m = torch.full((1, 1, 32, 32), 0.5), torch.ones(1, 1, 32, 32)
+    f = line_chi(c, m, k[:1])
+    torch.testing.assert_close(f[0, 0], 0.5 * k[0].sum(), rtol=1e-5, atol=1e-6)
+    # white noise: the response at one pixel is unit-variance whatever the orientation
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 1, 11, 11, generator=g)
+    r = (z * k[:, 0][None]).sum((-2, -1))  # (draws, orientations)
+    assert torch.allclose(r.std(0), torch.ones(12), atol=0.03)
+    # a 1.5-sigma trail across the cutout, in one band of two: found by the line filter far more often
+    # than by the largest single pixel
+    noise = torch.randn(200, 2, 32, 32, generator=g)
+    trail = noise.clone()
+    trail[:, 1, 16, :] += 1.5
+    mask = torch.ones_like(noise)
+    line_hit = (line_chi(trail, mask, k)[:, 1] > line_chi(noise, mask, k)[:, 1].quantile(0.95)).float().mean()
+    pixel_hit = (trail[:, 1].abs().flatten(1).amax(1) > noise[:, 1].abs().flatten(1).amax(1).quantile(0.95)).float().mean()
+    assert line_hit > 0.9 and pixel_hit < 0.5, (line_hit, pixel_hit)
