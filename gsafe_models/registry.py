@@ -572,17 +572,10 @@ def _chi_density(f, parts):
 
 # Linear departures: the PCA residual's χ under line kernels at 12 orientations (gsafe_models.noise.line_chi)
 
-_LINES: dict = {}
-
-
 @_feature("chi_line_pca", parts=("pca", "chi_scanner_pca"))
 def _chi_line_pca(p: Pass) -> Tensor:
-    key = (str(p.x.device), p.x.dtype)
-    if key not in _LINES:
-        _LINES[key] = line_kernels(11, 12, dtype=p.x.dtype, device=p.x.device)
-    scan = p.bundle.parts["chi_scanner_pca"]
-    chi = scan.noise.chi(p.x - p.pca_hat, p.pca_hat, p.mask, p.known(p.pca_hat))
-    return line_chi(chi, p.mask, _LINES[key])
+    chi = p.bundle.parts["chi_scanner_pca"].noise.chi(p.x - p.pca_hat, p.pca_hat, p.mask, p.known(p.pca_hat))
+    return line_chi(chi, p.mask, line_kernels(11, 12, dtype=p.x.dtype, device=p.x.device))
 
 
 PARTS["chi_line_null_pca"] = Part("chi_line_null_pca", build=lambda **c: Constants(**c), features=("chi_line_pca",),
