@@ -55,16 +55,16 @@ def training_plan(store_url: str, config: dict) -> tuple[dict, np.ndarray]:
     split, so the representation, the statistics' models and the calibration learn "normal" without
     it and the next hunt's p-values are no longer diluted by it (label-trimming, Bashari, Sesia &
     Romano, ICML 2025, arXiv:2502.04807). Where that happens, the calibration is cross-fitted over
-    the training objects (`calibration_folds` = `REVIEW_FOLDS`, unless the config sets it or its
-    statistics read the representation), which keeps the realised FDR at or below q once the split
+    the training objects (`calibration_folds` = `REVIEW_FOLDS`, unless the config sets it, asks for
+    `fit_trim`, which cross-fitting refuses, or its statistics read the representation), which keeps the realised FDR at or below q once the split
     is cleaner (BENCHMARKS.md)."""
     from gsafe_models.registry import reads_representation
 
     leave_out = reviewed_departures(store_url)
     config = dict(config)
-    if len(leave_out) and "calibration_folds" not in config:
-        if not reads_representation(DetectorConfig(**config).statistics):
-            config["calibration_folds"] = REVIEW_FOLDS
+    cfg = DetectorConfig(**config)
+    if len(leave_out) and "calibration_folds" not in config and cfg.fit_trim == 0 and not reads_representation(cfg.statistics):
+        config["calibration_folds"] = REVIEW_FOLDS
     return config, leave_out
 
 
