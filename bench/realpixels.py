@@ -15,7 +15,9 @@ a user hunts a new tile: train on the tile itself (a small, dirty set), score it
 3. `gsafe ingest TILE --catalog CAT` (the library call), truth joined, a Detector fitted exactly as
    `gsafe train` fits it (defaults; the tile's own train / val / calib split), every object scored;
 4. AUROC overall and per kind for gsafe's defaults, each of its statistics, and the peers (the
-   detector's own asinh stretch, as in `bench/quality.py`). The field is crowded (a 32-pixel cutout holds
+   detector's own asinh stretch, as in `bench/quality.py`), and what the statistics carry: a supervised
+   combination of every statistic trained on the tile's own truth and scored out of fold (a ceiling for
+   any label-free rule over them, `quality.supervised_ceiling`). The field is crowded (a 32-pixel cutout holds
    ~1.6 sources), so the cutouts of ~30 % of the normal sources hold light planted beside a neighbour (a
    pixel ≥ 1σ of the band noise): a scientist would flag those cutouts too, so they are left out of the
    figures (neither normal nor anomalous) and the defaults' AUROC with them counted as normal is printed.
@@ -163,7 +165,7 @@ def main() -> None:
         from infra.truth import attach_truth, read_truth
         from tasks.train import fit_detector_task
 
-        from quality import config_overrides, peer_methods, stretched
+        from quality import config_overrides, peer_methods, stretched, supervised_ceiling
 
         settings = Settings(home=home, progress=False, cutout_size=args.size, bands=("g", "r", "i"), chunk_size=256)
         tile, cat, truth, n, n_anom, shows_neighbours = make_tile(args, home)
@@ -186,9 +188,12 @@ def main() -> None:
         out = det.score(images)
         scores = {f"gsafe defaults ({det.config.combination})": out["score"]}
         with Timer() as t:
-            every = Detector.from_bytes(fit_detector_task.fn(url, dataclasses.asdict(DetectorConfig(**overrides, statistics=STATISTICS)),
+            # each statistic's own ranking does not depend on its calibration (cross-fitting refuses the ones reading the representation)
+            plain = overrides | {"calibration_folds": 0}
+            every = Detector.from_bytes(fit_detector_task.fn(url, dataclasses.asdict(DetectorConfig(**plain, statistics=STATISTICS)),
                                                              settings.model_dump(mode="json")))
-        for name, v in every.statistics(images).items():
+        every_stats = every.statistics(images)
+        for name, v in every_stats.items():
             scores[f"  statistic {name}"] = v
         X = stretched(det, images)
         scores.update(peer_methods(X, X, 32, args.seed))
@@ -202,6 +207,12 @@ def main() -> None:
                     f"AUROC on the real tile ({int((labels[judged] == 0).sum())} sources, {int(labels.sum())} planted anomalies; "
                     f"{int((~judged).sum())} sources whose cutout shows a neighbour's planted anomaly left out)")
         print(f"gsafe defaults with those {int((~judged).sum())} counted as normal: AUROC {everyone:.3f}")
+        # what the statistics carry: a supervised combination trained on the tile's own truth, scored out of fold
+        F = np.column_stack(list(every_stats.values()))[judged]
+        for model in ("logistic", "trees"):
+            ceil = supervised_ceiling(F, labels[judged], classes[judged], args.seed, model)
+            print(f"supervised ceiling ({model} on every statistic, the tile's labels, 5-fold): all {ceil['all']:.3f}; "
+                  + ", ".join(f"{k} {ceil[k]:.3f}" for k in present))
         q = np.where(judged, out["q_value"], np.inf)  # BH over every source; the left-out ones neither true nor false
         listed = q <= 0.1
         best_peer = max((r for r in rows if not r[0].startswith(("gsafe", "  "))), key=lambda r: r[1])

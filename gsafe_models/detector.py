@@ -99,6 +99,13 @@ class DetectorConfig:
             false-discovery list needs rest on ranks, not on a tail model (cross-conformal,
             Vovk 2015; CV+, Barber et al. 2021). Only for statistics that do not read the trained
             representation (it has seen every training object). 0 (off): the calibration split alone.
+        chi_density_floor: The variance added to every covariance of the mixture behind
+            `chi_density_pca`, in units of the descriptor's null (squared): no component of the
+            density of normal departures narrower than its square root. At 1e-6 a component can
+            collapse onto a degenerate direction, so that float-level input differences move the
+            statistic by up to ~0.006 nats on normal objects (and 2.5 nats once in a flow test);
+            1e-2 removes that and improves `chi_density_pca` alone, but the protocol's winner under
+            it lists nothing in `gsafe demo`, so it is not the default (BENCHMARKS.md, "A covariance floor").
     """
 
     representation: str = "ae"
@@ -129,6 +136,7 @@ class DetectorConfig:
     contrastive: float = 0.0
     fit_trim: float = 0.0
     calibration_folds: int = 0
+    chi_density_floor: float = 1e-6
 
     def __post_init__(self) -> None:
         self.statistics = tuple(self.statistics)

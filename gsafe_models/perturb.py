@@ -3,7 +3,9 @@ r"""Generic synthetic perturbations of normal cutouts, which model no particular
 gsafe's defaults (which statistics, which combination rule) are chosen on how well they find
 *these*, never on a named anomaly class: a blob of light of random size and colour, a point
 source, absorption of part of the object's light, a colour change of the object in one band, a
-local shuffle of pixels (structure destroyed, flux and noise kept), a patch offset in one band.
+local shuffle of pixels (structure destroyed, flux and noise kept), a patch offset in one band, a
+stroke (a straight segment of light of random length, width, orientation and colour, anywhere:
+the linear primitive beside the compact and the extended ones).
 Each is drawn over a wide range of strengths, from below the noise to obvious, at a random place.
 This is the idea of outlier exposure with generic, self-made outliers (Hendrycks et al. 2019) and
 of the synthetic anomalies of defect detection (CutPaste, Li et al. 2021), used here only to
@@ -31,7 +33,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 #: The perturbation kinds, in a fixed order.
-KINDS: tuple[str, ...] = ("blob", "point", "absorb", "colour", "shuffle", "patch")
+#: (New kinds go at the end: a kind's draws are seeded by its index.)
+KINDS: tuple[str, ...] = ("blob", "point", "absorb", "colour", "shuffle", "patch", "stroke")
 
 MAD_TO_SIGMA = 1.4826
 
@@ -109,6 +112,19 @@ def perturb(images: np.ndarray, kind: str, seed: int = 0, noise: np.ndarray | No
             ya, xa = int(np.clip(round(y0 - s / 2), 0, H - s)), int(np.clip(round(x0 - s / 2), 0, W - s))
             block = img[:, ya : ya + s, xa : xa + s].reshape(B, -1)
             img[:, ya : ya + s, xa : xa + s] = block[:, rng.permutation(s * s)].reshape(B, s, s)
+        elif kind == "stroke":
+            length = float(np.exp(rng.uniform(np.log(4.0), np.log(1.5 * max(H, W)))))
+            width = rng.uniform(0.5, 1.5)
+            a = rng.uniform(0, np.pi)
+            y0, x0 = rng.uniform(0, H - 1), rng.uniform(0, W - 1)  # its middle, anywhere in the cutout
+            yy, xx = np.mgrid[0:H, 0:W]
+            along = (xx - x0) * np.cos(a) + (yy - y0) * np.sin(a)
+            across = -(xx - x0) * np.sin(a) + (yy - y0) * np.cos(a)
+            prof = np.exp(-0.5 * (across / width) ** 2) * (np.abs(along) <= length / 2)
+            sed = rng.dirichlet(np.full(B, 0.7)) * B
+            snr = float(np.exp(rng.uniform(np.log(5.0), np.log(80.0))))  # matched-filter S/N, whole stroke
+            norm = np.sqrt((prof**2).sum()) * np.sqrt(B)
+            img = img + (snr * noise * sed)[:, None, None] * prof[None] / max(norm, 1e-12)
         else:  # patch
             b = int(rng.integers(B))
             s = int(rng.integers(3, max(4, min(H, W) // 4) + 1))

@@ -391,10 +391,10 @@ PARTS["chi_scanner_pca"] = Part(
 )
 
 
-def _gmm_bic(x: Tensor, cfg) -> GaussianMixture:
+def _gmm_bic(x: Tensor, cfg, reg: float = 1e-6) -> GaussianMixture:
     # at least ~4 D objects per component, so full covariances stay well determined
     components = tuple(k for k in cfg.gmm_components if k <= max(1, len(x) // (4 * x.shape[1])))
-    return GaussianMixture.fit_bic(x, components=components or (1,), seed=cfg.seed)
+    return GaussianMixture.fit_bic(x, components=components or (1,), seed=cfg.seed, reg=reg)
 
 
 def _fit_gmm(b, f, cfg):
@@ -561,7 +561,8 @@ _chi_statistics("_pca", "chi_pca", "chi_null_pca", "PCA residual")
 # no single summary is extreme.
 
 PARTS["chi_gmm_pca"] = Part("chi_gmm_pca", build=lambda **c: GaussianMixture(**c), features=("chi_pca",), requires=("chi_null_pca",),
-                            fit=lambda b, f, cfg: _gmm_bic(null_units(f["chi_pca"], b.parts["chi_null_pca"]), cfg))
+                            fit=lambda b, f, cfg: _gmm_bic(null_units(f["chi_pca"], b.parts["chi_null_pca"]), cfg,
+                                                           reg=getattr(cfg, "chi_density_floor", 1e-6)))
 
 
 @statistic("chi_density_pca", ("chi_pca",), ("chi_null_pca", "chi_gmm_pca"))

@@ -74,3 +74,22 @@ def test_perturbations_are_seeded_keep_nan_and_change_every_cutout():
         assert all(changed), k
     with pytest.raises(ValueError, match="expected one of"):
         perturb(x, "lens")
+
+
+def _axis_ratio(light: np.ndarray) -> float:
+    """The ratio of the principal axes of a non-negative image's second moments."""
+    yy, xx = np.mgrid[0:light.shape[0], 0:light.shape[1]]
+    w = light / light.sum()
+    my, mx = (w * yy).sum(), (w * xx).sum()
+    c = np.array([[(w * (yy - my) ** 2).sum(), (w * (yy - my) * (xx - mx)).sum()],
+                  [(w * (yy - my) * (xx - mx)).sum(), (w * (xx - mx) ** 2).sum()]])
+    ev = np.linalg.eigvalsh(c)
+    return float(np.sqrt(ev[1] / max(ev[0], 1e-12)))
+
+
+def test_strokes_are_the_linear_primitive_and_blobs_are_round():
+    x = np.zeros((40, 3, 32, 32), np.float32)
+    noise = np.ones(3, np.float32)
+    ratios = {k: np.median([_axis_ratio(np.nan_to_num(y).sum(0)) for y in perturb(x, k, seed=3, noise=noise)])
+              for k in ("stroke", "blob")}
+    assert ratios["stroke"] > 2.0 and ratios["blob"] < 1.2, ratios
