@@ -12,7 +12,7 @@ What it does, per seed, under a temporary GSAFE_HOME:
 3. makes the **selection set**: the normal objects of the training survey's validation split (never
    the calibration split), and copies of them perturbed by each generic kind of
    `gsafe_models.perturb` (blobs, point sources, absorption, a colour change, a local shuffle, a
-   patch in one band: no anomaly class is modelled);
+   patch in one band, a stroke: no anomaly class is modelled);
 4. chooses a statistic set per combination rule by greedy forward selection on the mean AUROC over
    the synthetic kinds (**class-free selection**: no class is looked at, so every class is held out),
    then the rule with the best synthetic AUROC among those whose set puts some synthetic
@@ -26,7 +26,10 @@ What it does, per seed, under a temporary GSAFE_HOME:
 6. reports AUROC per class and rule (minimum and mean over held-out classes), the combined test
    against its best single statistic, the BH list at q ≤ 0.1 (share of the anomalies listed,
    realised FDR), the one-sided KS check on fresh normals, every single statistic, and the peers
-   (PCA residual, IsolationForest, PyOD ECOD and IForest on PCA features, a GMM on PCA features).
+   (PCA residual, IsolationForest, PyOD ECOD and IForest on PCA features, a GMM on PCA features);
+7. and what the statistics carry: a *supervised* combination (logistic regression, boosted trees)
+   trained on the test survey's own labels and scored out of fold, per class: whether a missed
+   target needs a better rule or better statistics (`supervised_ceiling`).
 
 `--config FIELD=VALUE` fits the detector with other settings (cached apart; settings only the statistics'
 models read, such as `fit_trim`, are assembled around the cached representation instead of training it

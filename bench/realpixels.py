@@ -16,8 +16,8 @@ a user hunts a new tile: train on the tile itself (a small, dirty set), score it
    `gsafe train` fits it (defaults; the tile's own train / val / calib split), every object scored;
 4. AUROC overall and per kind for gsafe's defaults, each of its statistics, and the peers (the
    detector's own asinh stretch, as in `bench/quality.py`), and what the statistics carry: a supervised
-   combination of every statistic trained on the tile's own truth and scored out of fold (a ceiling for
-   any label-free rule over them, `quality.supervised_ceiling`). The field is crowded (a 32-pixel cutout holds
+   combination of every statistic trained on the tile's own truth and scored out of fold (about what a
+   label-free rule over them can hope for, `quality.supervised_ceiling`). The field is crowded (a 32-pixel cutout holds
    ~1.6 sources), so the cutouts of ~30 % of the normal sources hold light planted beside a neighbour (a
    pixel ≥ 1σ of the band noise): a scientist would flag those cutouts too, so they are left out of the
    figures (neither normal nor anomalous) and the defaults' AUROC with them counted as normal is printed.

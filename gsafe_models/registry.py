@@ -562,7 +562,7 @@ _chi_statistics("_pca", "chi_pca", "chi_null_pca", "PCA residual")
 
 PARTS["chi_gmm_pca"] = Part("chi_gmm_pca", build=lambda **c: GaussianMixture(**c), features=("chi_pca",), requires=("chi_null_pca",),
                             fit=lambda b, f, cfg: _gmm_bic(null_units(f["chi_pca"], b.parts["chi_null_pca"]), cfg,
-                                                           reg=getattr(cfg, "chi_density_floor", 1e-6)))
+                                                           reg=cfg.chi_density_floor))
 
 
 @statistic("chi_density_pca", ("chi_pca",), ("chi_null_pca", "chi_gmm_pca"))
