@@ -424,15 +424,13 @@ def supervised_ceiling(F: np.ndarray, labels: np.ndarray, classes: np.ndarray, s
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from gsafe_models.metrics import auroc
+    from gsafe_models.metrics import per_class_report
 
     F = np.nan_to_num(np.asarray(F, np.float64), nan=0.0, posinf=1e6, neginf=-1e6)
     model = (make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)) if model == "logistic"
              else HistGradientBoostingClassifier(max_iter=200, random_state=seed))
     p = cross_val_predict(model, F, labels, cv=StratifiedKFold(5, shuffle=True, random_state=seed), method="predict_proba")[:, 1]
-    present = sorted(set(classes[labels == 1]))
-    return {"all": auroc(p, labels), **{c: auroc(p[(labels == 0) | (classes == c)], classes[(labels == 0) | (classes == c)] == c)
-                                        for c in present}}
+    return {k: v["auroc"] for k, v in per_class_report(p, labels, classes).items()}
 
 
 # ---- one seed ----------------------------------------------------------------------------------
