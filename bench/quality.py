@@ -456,17 +456,28 @@ def run_seed(seed: int, args, home, where) -> dict:
     tcat = test.read_catalog(["label", "anomaly_class"])
     labels, classes = np.asarray(tcat["label"]).astype(int), np.asarray(tcat["anomaly_class"]).astype(str)
     cached = where / f"statistics{seed}_{args.train}_{args.epochs}{config_tag(args)}.npz"
-    S = {}
-    if cached.exists() and list(np.load(cached)["names"]) == names:
+    S, new_names = {}, []
+    if cached.exists():
         with np.load(cached) as z:
-            S = {k[2:]: z[k] for k in z.files if k.startswith("S:")}
+            old_names = list(z["names"])
+            if set(old_names) <= set(names):  # statistics registered since the cache was made get their columns
+                S = {k[2:]: z[k] for k in z.files if k.startswith("S:")}
+                new_names = [n for n in names if n not in old_names]
     missing = [k for k in KINDS if f"synth:{k}" not in S]  # a cache made before a kind was added gets it
     out["seconds"]["statistics"] = None
-    if not S or missing:
+    if not S or missing or new_names:
         val_label = np.asarray(train.read_catalog(["label"])["label"])[split["val"]]
         ref_images = train.read_rows(split["val"][val_label == 0])
         noise = band_noise(ref_images)
         with Timer() as t:
+            if S and new_names:
+                inputs = {"train": lambda: train.read_rows(split["train"]), "calib": lambda: train.read_rows(split["calib"]),
+                          "test": test.read_images, "ref": lambda: ref_images}
+                for k in list(S):
+                    images = inputs[k]() if k in inputs else perturb(ref_images, k[6:], seed=1000 * seed + KINDS.index(k[6:]), noise=noise)
+                    extra = statistics_matrix(det, images, new_names)
+                    full = dict(zip(old_names, S[k].T)) | dict(zip(new_names, extra.T))
+                    S[k] = np.stack([full[n] for n in names], axis=1)
             if not S:
                 S = {"train": statistics_matrix(det, train.read_rows(split["train"]), names),
                      "calib": statistics_matrix(det, train.read_rows(split["calib"]), names),

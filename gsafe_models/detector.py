@@ -99,13 +99,14 @@ class DetectorConfig:
             false-discovery list needs rest on ranks, not on a tail model (cross-conformal,
             Vovk 2015; CV+, Barber et al. 2021). Only for statistics that do not read the trained
             representation (it has seen every training object). 0 (off): the calibration split alone.
-        chi_density_floor: The variance added to every covariance of the mixture behind
-            `chi_density_pca`, in units of the descriptor's null (squared): no component of the
+        chi_density_floor: The variance added to every covariance of the mixtures behind
+            `chi_density_pca` and `departure_density_pca`, in units of the descriptor's null (squared): no component of the
             density of normal departures narrower than its square root. At 1e-6 a component can
             collapse onto a degenerate direction, so that float-level input differences move the
             statistic by up to ~0.006 nats on normal objects (and 2.5 nats once in a flow test);
             1e-2 removes that and improves `chi_density_pca` alone, but the protocol's winner under
-            it lists nothing in `gsafe demo`, so it is not the default (BENCHMARKS.md, "A covariance floor").
+            it (with the statistics of 2026-12-03 morning) listed nothing in `gsafe demo`, so it is not
+            the default (BENCHMARKS.md, "A covariance floor"); not measured with `departure_density_pca`.
     """
 
     representation: str = "ae"
@@ -117,7 +118,7 @@ class DetectorConfig:
     patience: int = 4
     # chosen by `bench/quality.py` on generic synthetic perturbations of normal objects, on two seeds
     # at once, never on an anomaly class (BENCHMARKS.md, "Detection quality")
-    statistics: tuple[str, ...] = ("chi_density_pca", "chi_chromatic_pca", "morphometry", "patch_peak")
+    statistics: tuple[str, ...] = ("departure_density_pca", "chi_chromatic_pca")
     combination: str = "simes"
     seed: int = 0
     channels: tuple[int, ...] = (8, 16, 32, 64)

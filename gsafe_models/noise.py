@@ -29,6 +29,7 @@ __all__ = [
     "multiscale_chi",
     "line_kernels",
     "line_chi",
+    "line_median_chi",
 ]
 
 import math
@@ -377,6 +378,7 @@ def line_kernels(length: int = 11, orientations: int = 12, width: float = 0.7, d
         a = math.pi * i / orientations
         along, across = xx * math.cos(a) + yy * math.sin(a), -xx * math.sin(a) + yy * math.cos(a)
         w = torch.exp(-0.5 * (across / width) ** 2) * (along.abs() <= h + 0.5)
+        w = torch.where(w > 1e-6, w, torch.zeros_like(w))  # no subnormal squares: they slow the convolutions ~3x
         out.append(w / w.square().sum().sqrt())
     return torch.stack(out)[:, None].to(dtype=dtype, device=device)
 
@@ -404,6 +406,63 @@ def line_chi(chi: Tensor, mask: Tensor, kernels: Tensor) -> Tensor:
     k = kernels.to(chi)
     pad = k.shape[-1] // 2
     num = F.conv2d(x, k, padding=pad)
-    den = F.conv2d(m, k * k, padding=pad).clamp_min(1e-6).sqrt()
-    r = (num / den * (m > 0)).abs()
-    return r.flatten(1).amax(1).reshape(N, B + 1)
+    # the normalisation reads only the mask: computed once for the maps with no missing pixel
+    full = m.flatten(1).amin(1) > 0
+    if bool(full.all()):
+        num.mul_(F.conv2d(torch.ones_like(m[:1]), k * k, padding=pad).clamp_min(1e-6).rsqrt())
+    else:
+        num.mul_(F.conv2d(m, k * k, padding=pad).clamp_min(1e-6).rsqrt()).mul_(m > 0)
+    low, high = torch.aminmax(num.flatten(1), dim=1)  # the largest |response| without a copy of |num|
+    return torch.maximum(high, -low).reshape(N, B + 1)
+
+
+# Devillard's 19-exchange network for the median of 9 (after Paeth, Graphics Gems, 1990)
+_MEDIAN9 = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7),
+            (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))
+
+
+def _median9(p: list[Tensor]) -> Tensor:
+    p = list(p)
+    for i, j in _MEDIAN9:
+        p[i], p[j] = torch.minimum(p[i], p[j]), torch.maximum(p[i], p[j])
+    return p[4]
+
+
+def line_median_chi(chi: Tensor, mask: Tensor, orientations: int = 12) -> Tensor:
+    r"""Returns the largest :math:`|\mathrm{median}\,\chi|` along any straight 9-pixel segment
+    (nearest-pixel samples at `orientations` angles :math:`i \pi / n`) of each band and of the band
+    coadd, :math:`(N, B + 1)`, in units of the median's spread under white unit-variance noise,
+    :math:`\sqrt{\pi / 18}`.
+
+    A robust matched filter for linear departures: a sum along the segment (:func:`line_chi`)
+    responds as much to one compact residual (a neighbour the reconstruction misses, a hot pixel, a
+    compression speck) as to a faint line, whereas the median moves only when most of the segment
+    departs. So a faint trail, column or arc stands out of a crowded, speckled residual that holds
+    many compact departures. Samples outside the cutout or the mask count as 0 (the null's median),
+    so a segment leaving the cutout can only respond less.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> chi, mask = torch.randn(3, 1, 24, 24, generator=g), torch.ones(3, 1, 24, 24)
+        >>> chi[1, 0, 4:20, 12] += 3.0   # a faint column, 16 pixels long
+        >>> chi[2, 0, 11:13, 11:13] += 30.0  # one bright compact residual
+        >>> f = line_median_chi(chi, mask)
+        >>> f.shape, bool(f[1, 0] > f[0, 0] + 2), bool(f[2, 0] < f[0, 0] + 2)  # noise alone: ~4
+        (torch.Size([3, 2]), True, True)
+    """
+
+    import torch.nn.functional as F
+
+    N, B, H, W = chi.shape
+    c = torch.where((mask > 0) & torch.isfinite(chi), chi, torch.zeros_like(chi))
+    coadd = c.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1.0).sqrt()
+    x = torch.cat([c, coadd], 1)
+    h = 4
+    xp = F.pad(x, (h, h, h, h))
+    best = torch.zeros(N, B + 1, dtype=chi.dtype, device=chi.device)
+    for i in range(orientations):
+        a = math.pi * i / orientations
+        offsets = [(round(t * math.sin(a)), round(t * math.cos(a))) for t in range(-h, h + 1)]
+        med = _median9([xp[..., h + u:h + u + H, h + v:h + v + W] for u, v in offsets])
+        best = torch.maximum(best, med.abs().flatten(2).amax(-1))
+    return best * math.sqrt(18 / math.pi)

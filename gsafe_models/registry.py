@@ -50,7 +50,7 @@ from torch import Tensor
 from .density import GaussianMixture
 from .flow import LatentFlow
 from .nets import PCABasis
-from .noise import ChiScanner, line_chi, line_kernels
+from .noise import ChiScanner, line_chi, line_kernels, line_median_chi
 from .patches import PatchDensity
 from .statistics import (
     Mahalanobis,
@@ -587,6 +587,52 @@ PARTS["chi_line_null_pca"] = Part("chi_line_null_pca", build=lambda **c: Constan
 def _chi_line(f, parts):
     """largest |χ| of the PCA residual under a line kernel (11 pixels, 12 orientations), any band or the coadd, in units of its null"""
     return null_units(f["chi_line_pca"], parts["chi_line_null_pca"]).amax(1).to(f["chi_line_pca"].dtype)
+
+
+# Linear departures among compact ones: the median of the PCA residual's χ along 9-pixel segments at
+# 12 orientations (gsafe_models.noise.line_median_chi), which one bright compact residual does not move
+
+@_feature("chi_line_median_pca", parts=("pca", "chi_scanner_pca"))
+def _chi_line_median_pca_feature(p: Pass) -> Tensor:
+    chi = p.bundle.parts["chi_scanner_pca"].noise.chi(p.x - p.pca_hat, p.pca_hat, p.mask, p.known(p.pca_hat))
+    return line_median_chi(chi, p.mask)
+
+
+PARTS["chi_line_median_null_pca"] = Part("chi_line_median_null_pca", build=lambda **c: Constants(**c),
+                                         features=("chi_line_median_pca",), fit=_robust_scale("chi_line_median_pca"))
+
+
+@statistic("chi_line_median_pca", ("chi_line_median_pca",), ("chi_line_median_null_pca",))
+def _chi_line_median(f, parts):
+    """largest |median χ| of the PCA residual along a 9-pixel segment (12 orientations), any band or the coadd, in units of its null: faint lines among compact residuals"""
+    return null_units(f["chi_line_median_pca"], parts["chi_line_median_null_pca"]).amax(1).to(f["chi_line_median_pca"].dtype)
+
+
+# A density of departures and shapes at once: a Gaussian mixture over the PCA residual's multi-scale χ
+# descriptor, its line responses and the central object's morphometry, each column in units of its null.
+# A departure that is ordinary for one kind of galaxy (a strong residual on a large, bright spiral) and
+# not for another (the same residual on a small, smooth one) is rare only jointly.
+
+PARTS["morphometry_null"] = Part("morphometry_null", build=lambda **c: Constants(**c), features=("morphometry",),
+                                 fit=_robust_scale("morphometry"))
+
+_DEPARTURE = (("chi_pca", "chi_null_pca"), ("chi_line_pca", "chi_line_null_pca"), ("morphometry", "morphometry_null"))
+
+
+def _departure_vector(f: dict[str, Tensor], parts) -> Tensor:
+    return torch.cat([null_units(f[feature], parts[null]) for feature, null in _DEPARTURE], 1)
+
+
+PARTS["departure_gmm_pca"] = Part(
+    "departure_gmm_pca", build=lambda **c: GaussianMixture(**c), features=tuple(f for f, _ in _DEPARTURE),
+    requires=tuple(n for _, n in _DEPARTURE),
+    fit=lambda b, f, cfg: _gmm_bic(_departure_vector(f, b.parts), cfg, reg=cfg.chi_density_floor))
+
+
+@statistic("departure_density_pca", tuple(f for f, _ in _DEPARTURE), tuple(n for _, n in _DEPARTURE) + ("departure_gmm_pca",))
+def _departure_density(f, parts):
+    """−log p of the PCA residual's multi-scale χ descriptor, its line responses and the object's morphometry, jointly, under a Gaussian mixture of normal objects'"""
+    return -parts["departure_gmm_pca"].log_prob(_departure_vector(f, parts)).to(f["chi_pca"].dtype)
 
 
 # ---------------------------------------------------------------------------------------------

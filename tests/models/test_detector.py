@@ -125,7 +125,7 @@ def test_fit_trim_refits_the_models_without_the_training_anomalies(detector, sur
     from gsafe_models.detector import _least_anomalous
 
     dirty = simulate_batch(0, 320, seed=4, anomaly_frac=0.15, bands=BANDS, size=SIZE)
-    names = DetectorConfig().statistics
+    names = ("chi_density_pca", "chi_chromatic_pca", "morphometry", "patch_peak")  # a set with a density of departures
     b, test = detector._bundle, survey["test"]
     fitted = {}
     for trim in (0.0, 0.15):
@@ -167,8 +167,8 @@ def test_crossfit_calibration_holds_each_training_object_out_of_its_models(detec
     expect = without.statistics(train[fold == 0])
     np.testing.assert_allclose(oof[: (fold == 0).sum()], np.stack([expect[n] for n in names], 1), rtol=1e-5, atol=1e-6)
     # the same objects under the final models (fitted on them) look more normal than out of fold
-    inside = det.statistics(train[fold == 0])["chi_density_pca"]
-    assert np.median(inside) < np.median(oof[: (fold == 0).sum(), list(names).index("chi_density_pca")])
+    inside = det.statistics(train[fold == 0])["departure_density_pca"]
+    assert np.median(inside) < np.median(oof[: (fold == 0).sum(), list(names).index("departure_density_pca")])
 
     test = survey["test"]
     p = det.score(test.images[test.label == 0])["p_value"]
@@ -209,6 +209,27 @@ def test_density_of_departures_is_the_mixture_over_describe(detector, survey):
     gmm = detector._bundle.parts["chi_gmm_pca"]
     expected = -gmm.log_prob(torch.as_tensor(detector.describe(test.images))).double().numpy()
     np.testing.assert_allclose(stat, expected, rtol=1e-5, atol=1e-5)
+    assert auroc(stat, test.label) > 0.7
+
+
+def test_departure_density_is_the_mixture_over_chi_lines_and_morphometry_against_scipy(detector, survey):
+    import torch
+    from scipy.special import logsumexp
+
+    test = survey["test"]
+    stat = detector.statistics(test.images, ["departure_density_pca"])["departure_density_pca"]
+    b = detector._bundle
+    with torch.no_grad():
+        f = b.features(torch.as_tensor(test.images), ["departure_density_pca"])
+    # the vector: every block in units of its training objects' median and IQR / 1.349
+    blocks = [("chi_pca", "chi_null_pca"), ("chi_line_pca", "chi_line_null_pca"), ("morphometry", "morphometry_null")]
+    v = np.concatenate([(f[k].double().numpy() - b.parts[n].loc.numpy()) / b.parts[n].scale.numpy() for k, n in blocks], 1)
+    np.testing.assert_allclose(v[:, :f["chi_pca"].shape[1]], detector.describe(test.images), rtol=1e-5, atol=1e-5)
+    gmm = b.parts["departure_gmm_pca"]
+    cov = (gmm.scale_tril @ gmm.scale_tril.transpose(-1, -2)).numpy()
+    logp = logsumexp([np.log(w) + stats.multivariate_normal(m, c).logpdf(v)
+                      for w, m, c in zip(gmm.weights.numpy(), gmm.means.numpy(), cov)], axis=0)
+    np.testing.assert_allclose(stat, -logp, rtol=1e-6, atol=1e-6)
     assert auroc(stat, test.label) > 0.7
 
 

@@ -179,3 +179,55 @@ def test_line_chi_is_a_unit_variance_matched_filter_for_lines():
     line_hit = (line_chi(trail, mask, k)[:, 1] > line_chi(noise, mask, k)[:, 1].quantile(0.95)).float().mean()
     pixel_hit = (trail[:, 1].abs().flatten(1).amax(1) > noise[:, 1].abs().flatten(1).amax(1).quantile(0.95)).float().mean()
     assert line_hit > 0.9 and pixel_hit < 0.5, (line_hit, pixel_hit)
+
+
+def test_line_median_chi_finds_faint_lines_that_compact_residuals_do_not_fake():
+    from gsafe_models.noise import _median9, line_chi, line_kernels, line_median_chi
+
+    g = torch.Generator().manual_seed(1)
+    # the exchange network is the median of 9, exactly
+    v = torch.randn(9, 5000, generator=g)
+    assert torch.equal(_median9(list(v)), v.median(0).values)
+    # a constant field, away from the edges: c * sqrt(18 / pi) exactly (the median's null spread)
+    c, m = torch.full((1, 1, 32, 32), 0.5), torch.ones(1, 1, 32, 32)
+    torch.testing.assert_close(line_median_chi(c, m, orientations=4)[0, 0], torch.tensor(0.5 * math.sqrt(18 / math.pi)))
+    # white noise: the scaled median of 9 samples is close to unit-variance (0.977 for n = 9)
+    z = torch.randn(9, 200000, generator=g)
+    assert abs(float(_median9(list(z)).std()) * math.sqrt(18 / math.pi) - 0.977) < 0.01
+    # a faint 2.5-sigma column, 20 pixels long, in one band of two: found; one bright compact residual
+    # (a 2x2 speck at 30 sigma) is not, where the summing line filter takes the speck for a line
+    noise = torch.randn(200, 2, 32, 32, generator=g)
+    column, speck = noise.clone(), noise.clone()
+    column[:, 1, 6:26, 16] += 2.5
+    speck[:, 1, 15:17, 15:17] += 30.0
+    mask = torch.ones_like(noise)
+    null = line_median_chi(noise, mask)[:, 1].quantile(0.95)
+    assert (line_median_chi(column, mask)[:, 1] > null).float().mean() > 0.9
+    assert (line_median_chi(speck, mask)[:, 1] > null).float().mean() < 0.2
+    k = line_kernels(11, 12)
+    assert (line_chi(speck, mask, k)[:, 1] > line_chi(noise, mask, k)[:, 1].quantile(0.95)).float().mean() > 0.9
+    # masked pixels and NaN count as 0: a column that is all masked gives no response
+    masked = mask.clone()
+    masked[:, 1, :, 16] = 0
+    column[:, 1, :, 16] = float("nan")
+    f = line_median_chi(column, masked)
+    assert torch.isfinite(f).all() and (f[:, 1] > null).float().mean() < 0.2
+
+
+def test_line_chi_normalises_by_each_cutouts_own_mask():
+    from gsafe_models.noise import line_chi, line_kernels
+
+    g = torch.Generator().manual_seed(2)
+    chi, k = torch.randn(4, 2, 24, 24, generator=g), line_kernels(11, 12)
+    full = torch.ones_like(chi)
+    holed = full.clone()
+    holed[1, 0, 5:15, 8:12] = 0
+    a, b = line_chi(chi, full, k), line_chi(chi, holed, k)
+    # the cutouts without missing pixels read the same whether a neighbour in the batch has some or not
+    torch.testing.assert_close(b[[0, 2, 3]], a[[0, 2, 3]])
+    # and the one with a hole equals its own response computed alone: sum(w chi m) / sqrt(sum(w^2 m))
+    torch.testing.assert_close(b[1:2], line_chi(chi[1:2], holed[1:2], k))
+    x, m = chi[1, 0] * holed[1, 0], holed[1, 0]
+    num = torch.nn.functional.conv2d(x[None, None], k, padding=5)
+    den = torch.nn.functional.conv2d(m[None, None], k * k, padding=5).clamp_min(1e-6).sqrt()
+    torch.testing.assert_close(b[1, 0], (num / den * (m > 0)).abs().max())
