@@ -153,6 +153,12 @@ class Pass:
         return self.bundle.parts["pca"](self.x, self.mask)
 
     @cached_property
+    def pca_chi(self) -> Tensor:
+        r"""The PCA residual in units of its noise model (the `chi_scanner_pca` part's), one map per band."""
+
+        return self.bundle.parts["chi_scanner_pca"].noise.chi(self.x - self.pca_hat, self.pca_hat, self.mask, self.known(self.pca_hat))
+
+    @cached_property
     def noise_units(self) -> Tensor:
         r"""Sky-subtracted raw cutouts in units of each band's noise, missing pixels filled from
         the reconstruction, so photometry sees a complete cutout."""
@@ -575,8 +581,7 @@ def _chi_density(f, parts):
 
 @_feature("chi_line_pca", parts=("pca", "chi_scanner_pca"))
 def _chi_line_pca(p: Pass) -> Tensor:
-    chi = p.bundle.parts["chi_scanner_pca"].noise.chi(p.x - p.pca_hat, p.pca_hat, p.mask, p.known(p.pca_hat))
-    return line_chi(chi, p.mask, line_kernels(11, 12, dtype=p.x.dtype, device=p.x.device))
+    return line_chi(p.pca_chi, p.mask, line_kernels(11, 12, dtype=p.x.dtype, device=p.x.device))
 
 
 PARTS["chi_line_null_pca"] = Part("chi_line_null_pca", build=lambda **c: Constants(**c), features=("chi_line_pca",),
@@ -594,8 +599,7 @@ def _chi_line(f, parts):
 
 @_feature("chi_line_median_pca", parts=("pca", "chi_scanner_pca"))
 def _chi_line_median_pca_feature(p: Pass) -> Tensor:
-    chi = p.bundle.parts["chi_scanner_pca"].noise.chi(p.x - p.pca_hat, p.pca_hat, p.mask, p.known(p.pca_hat))
-    return line_median_chi(chi, p.mask)
+    return line_median_chi(p.pca_chi, p.mask)
 
 
 PARTS["chi_line_median_null_pca"] = Part("chi_line_median_null_pca", build=lambda **c: Constants(**c),
