@@ -192,9 +192,13 @@ def tile_args(args) -> argparse.Namespace:
                                                "is_tile": True}))
 
 
+def survey_label(seed: int, tile: bool) -> int | str:
+    """A survey's name in results and cached file names: its seed, or "tile<seed>"."""
+    return f"tile{seed}" if tile else seed
+
+
 def survey_key(args, seed: int) -> str:
-    """A survey's name in cached file names: its seed, or tile<seed>."""
-    return f"tile{seed}" if getattr(args, "is_tile", False) else str(seed)
+    return str(survey_label(seed, getattr(args, "is_tile", False)))
 
 
 def config_overrides(args) -> dict:
@@ -767,10 +771,9 @@ def main() -> None:
             time_training(args, home, where)
             return
         surveys = [(seed, False) for seed in args.seeds] + [(seed, True) for seed in args.tiles]
-        key_of = lambda seed, tile: f"tile{seed}" if tile else seed  # noqa: E731
         if args.prepare:
             for seed, tile in surveys:
-                print(f"{survey_name(key_of(seed, tile))}: prepared {run_seed(seed, args, home, where, tile)['seconds']}")
+                print(f"{survey_name(survey_label(seed, tile))}: prepared {run_seed(seed, args, home, where, tile)['seconds']}")
             return
         if args.jobs > 1:
             import multiprocessing
@@ -779,10 +782,10 @@ def main() -> None:
             # spawned (not forked: torch's thread pools do not survive a fork), each with its share of threads
             with ProcessPoolExecutor(min(args.jobs, len(surveys)), mp_context=multiprocessing.get_context("spawn"),
                                      initializer=set_threads, initargs=(max(1, threads // args.jobs),)) as pool:
-                futures = {key_of(*s): pool.submit(run_seed, *s[:1], args, home, where, s[1]) for s in surveys}
+                futures = {survey_label(*s): pool.submit(run_seed, s[0], args, home, where, s[1]) for s in surveys}
                 results = {k: f.result() for k, f in futures.items()}
         else:
-            results = {key_of(*s): run_seed(s[0], args, home, where, s[1]) for s in surveys}
+            results = {survey_label(*s): run_seed(s[0], args, home, where, s[1]) for s in surveys}
         for seed, r in results.items():
             report_seed(seed, r)
         pooled = pooled_selection(results, args.rules, OBJECTIVES[args.objective]) if len(results) > 1 else None
