@@ -524,7 +524,7 @@ def run_seed(seed: int, args, home, where, tile: bool = False) -> dict:
 
     args = tile_args(args) if tile else args
     settings = Settings(home=home, progress=False, cutout_size=args.size)
-    out = {"seconds": {}, "tile": tile}
+    out = {"seconds": {}}
     with Timer() as t:
         train_url, test_url = simulate(where, settings, args, seed)
     out["seconds"]["simulate"] = t.seconds
@@ -815,8 +815,8 @@ def main() -> None:
     print("\nsummary over seeds (each seed's own class-free winner; leave-one-class-out = selection on the other classes)")
     rows = []
     loco_min, loco_mean = [], []
-    tiles = {k: r for k, r in results.items() if r["tile"]}
-    results = {k: r for k, r in results.items() if not r["tile"]}  # the seeds: their classes are the simulator's
+    tiles = {k: r for k, r in results.items() if r["ev"].in_sample}
+    results = {k: r for k, r in results.items() if not r["ev"].in_sample}  # the seeds: their classes are the simulator's
     for seed, r in results.items():
         ev = r["ev"]
         stats, rule, obj = r["winner"]
