@@ -23,7 +23,7 @@ Reported per round, on the judged objects not yet reviewed: AUROC, what the BH l
 (anomalies, normal objects, its false-discovery proportion), and the anomalies found so far (reviewed
 or listed). `--size` and `--rounds` describe a scenario; no default is chosen here.
 
-    python bench/review_loop.py --tile hdf               # ~2 min on 2 cores
+    python bench/review_loop.py --tile hdf               # ~1 min on 2 cores
     python bench/review_loop.py --tile 7 --cache DIR     # 10-12 min (the tile is simulated once into DIR)
 """
 
@@ -53,8 +53,8 @@ def parse_args():
     return args
 
 
-def hdf_tile(home: Path, seed: int, settings) -> tuple[str, np.ndarray, int]:
-    """The real tile of `bench/realpixels.py`, ingested with its truth: (store url, judged mask, epochs)."""
+def hdf_tile(home: Path, seed: int, settings) -> tuple[str, np.ndarray, None]:
+    """The real tile of `bench/realpixels.py`, ingested with its truth: (store url, judged mask, epochs: the default)."""
     from infra.ingest import ingest
     from infra.store import SurveyStore
     from infra.truth import attach_truth, read_truth
@@ -77,13 +77,10 @@ def sim_tile(where: Path, seed: int, settings, copy: bool = True) -> tuple[str, 
     from infra.store import SurveyStore
     from quality import simulate_tile
 
-    a = argparse.Namespace(train=2000, train_anomalies=0.05)
-    cached = simulate_tile(where, settings, a, seed)
-    if not copy:
-        return cached, np.ones(SurveyStore.open(cached).n, bool), 10
-    url = str(settings.home / Path(cached).name)
-    shutil.copytree(cached, url)
-    return url, np.ones(SurveyStore.open(url).n, bool), 10
+    url = simulate_tile(where, settings, argparse.Namespace(train=2000, train_anomalies=0.05), seed)
+    if copy:
+        url = shutil.copytree(url, settings.home / Path(url).name)
+    return str(url), np.ones(SurveyStore.open(str(url)).n, bool), 10
 
 
 def main() -> None:
