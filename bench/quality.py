@@ -33,7 +33,8 @@ What it does, per seed, under a temporary GSAFE_HOME:
 
 `--config FIELD=VALUE` fits the detector with other settings (cached apart; settings only the statistics'
 models read, such as `fit_trim`, are assembled around the cached representation instead of training it
-again); `--train-anomalies 0.1` makes the training survey as dirty as a single crowded tile (use its own
+again, and `calibration_trim`, which only the calibration reads, reuses the cached statistics as they are);
+`--train-anomalies 0.1` makes the training survey as dirty as a single crowded tile (use its own
 `--cache`); `--reviewed 0.02 0.05 1` adds what the defaults list once a reviewer has cleaned the
 calibration split's most extreme objects (the truth plays the reviewer).
 
@@ -223,8 +224,21 @@ def config_overrides(args) -> dict:
 ASSEMBLY_FIELDS = frozenset({"fit_trim", "chi_density_floor"})
 
 
-def config_tag(args, leave_out=frozenset()) -> str:
+# DetectorConfig fields that only the calibration reads: cached detectors and statistics are reused as
+# they are, and the protocol's calibrators take the value given (else the current default)
+CALIBRATION_FIELDS = frozenset({"calibration_trim"})
+
+
+def config_tag(args, leave_out=CALIBRATION_FIELDS) -> str:
     return "".join(f"_{k}{v}" for k, v in sorted(config_overrides(args).items()) if k not in leave_out)
+
+
+def calibration_trim(args) -> float:
+    """The calibration trim the protocol applies: `--config calibration_trim=…`, else DetectorConfig's default
+    (not the cached detector's, which may predate a change of default)."""
+    from gsafe_models.detector import DetectorConfig
+
+    return float(config_overrides(args).get("calibration_trim", DetectorConfig().calibration_trim))
 
 
 def product_sample(train_url: str, split: dict, config):
@@ -245,7 +259,7 @@ def fit_detector(train_url: str, settings, args, seed: int, where):
 
     path = where / f"detector{survey_key(args, seed)}_{args.train}_{args.epochs}{config_tag(args)}.bin"
     overrides = config_overrides(args)
-    base = where / f"detector{survey_key(args, seed)}_{args.train}_{args.epochs}{config_tag(args, ASSEMBLY_FIELDS)}.bin"
+    base = where / f"detector{survey_key(args, seed)}_{args.train}_{args.epochs}{config_tag(args, ASSEMBLY_FIELDS | CALIBRATION_FIELDS)}.bin"
     if not path.exists() and base != path and base.exists():
         # only settings of the statistics' models differ from a cached fit: assembled around its representation
         from infra.batches import StoreBatches
@@ -584,7 +598,7 @@ def run_seed(seed: int, args, home, where, tile: bool = False) -> dict:
             out["seconds"]["cross-fitted statistics"] = t.seconds
             S["calib"] = np.concatenate([S["calib"], oof])
             calib_labels = np.concatenate([calib_labels, oof_labels])
-    ev = Evaluator(names, S, labels, classes, det.config.calibration_trim, seed, bool(args.trimmed_are_normal), in_sample=tile)
+    ev = Evaluator(names, S, labels, classes, calibration_trim(args), seed, bool(args.trimmed_are_normal), in_sample=tile)
     objective = OBJECTIVES[args.objective]
     with Timer() as t, _MemoTail():
         sel = {rule: ev.greedy(objective, [rule]) for rule in args.rules}
