@@ -15,13 +15,26 @@ p-value): how many calibration values were trimmed, the fitted tail shape, and t
 tiles' normal objects with p ≤ 10⁻², 10⁻³, 10⁻⁴ beside the binomial 99 % bound of a valid p-value;
 then the false-discovery proportion of each other tile's BH list at q ≤ 0.1.
 
-    python bench/validity.py --cache DIR                      # tiles 7-10: ~8 min on 2 cores the first time
+**Held-out seeds** (`--seeds`, default 2 and 3): the same check at survey scale, on seeds that no selection
+reads (`bench/quality.py` chooses on seeds 0 and 1 and tiles 7 and 8). Per seed, a training survey (3 000
+cutouts, 1 % anomalies of every class) and a fresh test survey (3 000, 15 %, seed + 100) are simulated as
+`bench/quality.py` makes them; the default Detector is fitted on the training survey as `gsafe train` fits it
+and scores the test survey: the test survey's normal objects, and its BH list (realised FDR, share of the
+anomalies listed). Seeds 0 and 1 alone hid a realised FDR twice q for days (BENCHMARKS.md, "Validity repaired").
+
+Fitted detectors are cached under a key of their whole `DetectorConfig`, so a change of default refits them.
+
+    python bench/validity.py --cache DIR                      # tiles 7-10, seeds 2-3: ~20 min on 2 cores the first time
     python bench/validity.py --cache DIR --config FIELD=VALUE # a DetectorConfig setting, as in quality.py
+    python bench/validity.py --cache DIR --seeds              # tiles only
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +42,68 @@ import numpy as np
 from _common import Timer, bench_home, machine_line, print_table, set_threads
 
 LEVELS = (1e-2, 1e-3, 1e-4)
+ALPHA = 0.1  # the BH level of a list
+
+
+def config_key(config: dict) -> str:
+    """A short key of the whole DetectorConfig a detector is fitted with (defaults included)."""
+    from gsafe_models.detector import DetectorConfig
+
+    full = dataclasses.asdict(DetectorConfig(**config))
+    return hashlib.sha1(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def fitted(path: Path, url: str, config: dict, settings, what: str):
+    """The detector fitted on `url` as `gsafe train` fits it, cached at `path`."""
+    from gsafe_models.detector import Detector
+    from tasks.train import fit_detector_task
+
+    if not path.exists():
+        with Timer() as t:
+            payload = fit_detector_task.fn(url, config, settings.model_dump(mode="json"))
+        path.write_bytes(payload)
+        print(f"{what}: fitted in {t.seconds:.0f} s", flush=True)
+    return Detector.from_bytes(path.read_bytes())
+
+
+def check(det, label, scored: dict, truth: dict, rows: list, fdp_rows: list, worst: dict) -> None:
+    """Rows of the validity table (each statistic's and the combined p-value on the normal objects of
+    the `scored` surveys) and of the list table (each survey's BH list), for one model."""
+    from scipy import stats
+
+    normal = {t: truth[t] == 0 for t in scored}
+    n = int(sum(v.sum() for v in normal.values()))
+    for name in [*det.statistic_names, None]:
+        key = f"p_{name}" if name else "p_value"
+        p = np.concatenate([scored[t][key][normal[t]] for t in scored])
+        share = [float(np.mean(p <= a)) for a in LEVELS]
+        bound = [float(stats.binom.ppf(0.99, n, a) / n) for a in LEVELS]
+        for a, s in zip(LEVELS, share):
+            worst[a] = max(worst[a], s / a)
+        trimmed = det.diagnostics.get(f"calibration_trimmed_{name}", "") if name else ""
+        cal = det._test.calibrators[det._test.names.index(name)] if name else None
+        rows.append([label, name or f"combined ({det.config.combination})", trimmed, "" if cal is None else cal.shape, n]
+                    + [f"{s:.4f}{' !' if s > b else ''}" for s, b in zip(share, bound)])
+    for t in scored:
+        hit, y = scored[t]["q_value"] <= ALPHA, truth[t]
+        fdp_rows.append([label, t, int(hit.sum()), int((hit & (y == 0)).sum()),
+                         float((hit & (y == 0)).sum() / max(1, hit.sum())), float((hit & (y == 1)).sum() / max(1, y.sum()))])
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiles", type=int, nargs="+", default=[7, 8, 9, 10], help="simulated tiles (seeds), at least two")
+    p.add_argument("--tiles", type=int, nargs="*", default=[7, 8, 9, 10], help="simulated tiles (seeds): none, or at least two")
     p.add_argument("--cache", default=None, help="folder for the tiles and the fitted detectors (kept between runs)")
+    p.add_argument("--seeds", type=int, nargs="*", default=[2, 3],
+                   help="held-out survey seeds (a training and a fresh test survey each, as quality.py makes them); none: tiles only")
     p.add_argument("--seed", type=int, default=0, help="the detectors' seed")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE", help="DetectorConfig fields to set")
     args = p.parse_args()
-    if len(set(args.tiles)) < 2:
-        p.error("--tiles: at least two tiles (a model is checked on the others)")
+    if len(set(args.tiles)) == 1:
+        p.error("--tiles: none, or at least two tiles (a model is checked on the others)")
+    if not args.tiles and not args.seeds:
+        p.error("nothing to check: give --tiles or --seeds")
     return args
 
 
@@ -51,59 +114,50 @@ def main() -> None:
     with bench_home("validity") as home:
         from scipy import stats
 
-        from gsafe_models.detector import Detector
         from infra.settings import Settings
         from infra.store import SurveyStore
-        from tasks.train import fit_detector_task
 
-        from quality import config_overrides, config_tag, simulate_tile
+        from quality import config_overrides, simulate, simulate_tile
 
         settings = Settings(home=home, progress=False, cutout_size=64)
         where = Path(args.cache) if args.cache else home / "cache"
         where.mkdir(parents=True, exist_ok=True)
-        config = {"seed": args.seed, "epochs": 10} | config_overrides(args)
+        rows, fdp_rows, worst = [], [], {a: 0.0 for a in LEVELS}
+
+        # held-out seeds: a default model on its own fresh test survey
+        seed_config = {"seed": args.seed} | config_overrides(args)
+        for s in args.seeds:
+            train_url, test_url = simulate(where, settings, argparse.Namespace(train=3000, test=3000, train_anomalies=0.01,
+                                                                               test_anomalies=0.15), s)
+            det = fitted(where / f"validity_seed{s}_{config_key(seed_config)}.bin", train_url, seed_config, settings, f"seed {s}")
+            test = SurveyStore.open(test_url)
+            y = np.asarray(test.read_catalog(["label"])["label"]).astype(int)
+            scored = det.score(test.read_images(), variance=test.read_variance())
+            check(det, f"seed {s}", {f"seed {s} (test)": scored}, {f"seed {s} (test)": y}, rows, fdp_rows, worst)
+
+        # tiles: a single-tile model on the other tiles
+        tile_config = {"seed": args.seed, "epochs": 10} | config_overrides(args)
         tiles = {}
         for t in args.tiles:
             store = SurveyStore.open(simulate_tile(where, settings, argparse.Namespace(train=2000, train_anomalies=0.05), t))
             tiles[t] = (store.read_images(), np.asarray(store.read_catalog(["label"])["label"]).astype(int), store.url)
-        rows, fdp_rows, worst = [], [], {a: 0.0 for a in LEVELS}
         for m in args.tiles:
-            cached = where / f"validity_det{m}_{args.seed}{config_tag(args, frozenset())}.bin"
-            if not cached.exists():
-                with Timer() as t:
-                    payload = fit_detector_task.fn(tiles[m][2], config, settings.model_dump(mode="json"))
-                cached.write_bytes(payload)
-                print(f"tile {m}: fitted in {t.seconds:.0f} s", flush=True)
-            det = Detector.from_bytes(cached.read_bytes())
+            det = fitted(where / f"validity_det{m}_{config_key(tile_config)}.bin", tiles[m][2], tile_config, settings, f"tile {m}")
             others = [t for t in args.tiles if t != m]
-            scored = {t: det.score(tiles[t][0]) for t in others}
-            normal = {t: tiles[t][1] == 0 for t in others}
-            n = int(sum(v.sum() for v in normal.values()))
-            for name in [*det.statistic_names, None]:
-                key = f"p_{name}" if name else "p_value"
-                p = np.concatenate([scored[t][key][normal[t]] for t in others])
-                share = [float(np.mean(p <= a)) for a in LEVELS]
-                bound = [float(stats.binom.ppf(0.99, n, a) / n) for a in LEVELS]
-                for a, s in zip(LEVELS, share):
-                    worst[a] = max(worst[a], s / a)
-                trimmed = det.diagnostics.get(f"calibration_trimmed_{name}", "") if name else ""
-                cal = det._test.calibrators[det._test.names.index(name)] if name else None
-                rows.append([m, name or f"combined ({det.config.combination})", trimmed, "" if cal is None else cal.shape, n]
-                            + [f"{s:.4f}{' !' if s > b else ''}" for s, b in zip(share, bound)])
-            for t in others:
-                hit, truth = scored[t]["q_value"] <= 0.1, tiles[t][1]
-                fdp_rows.append([m, t, int(hit.sum()), int((hit & (truth == 0)).sum()),
-                                 float((hit & (truth == 0)).sum() / max(1, hit.sum())), float((hit & (truth == 1)).sum() / max(1, truth.sum()))])
-        print_table(rows, ["model (tile)", "p-value of", "trimmed", "tail shape", "normal objects"]
+            check(det, f"tile {m}", {f"tile {t}": det.score(tiles[t][0]) for t in others},
+                  {f"tile {t}": tiles[t][1] for t in others}, rows, fdp_rows, worst)
+        print_table(rows, ["model", "p-value of", "trimmed", "tail shape", "normal objects"]
                     + [f"P(p ≤ {a:g})" for a in LEVELS],
-                    "the other tiles' normal objects under each model ('!': above the binomial 99 % bound of a valid p-value: "
-                    + ", ".join(f"{a:g}: ≤ {stats.binom.ppf(0.99, n, a) / n:.4f}" for a in LEVELS) + f" at n = {n})")
-        print_table(fdp_rows, ["model (tile)", "hunted tile", "listed at q ≤ 0.1", "normal listed", "FDP", "anomalies listed"],
-                    "each other tile hunted with the model: its BH list")
-        print("validity: worst share of fresh normal objects over nominal across "
-              f"{len(args.tiles)} tile models: " + ", ".join(f"P(p ≤ {a:g}) {worst[a]:.1f}×" for a in LEVELS)
+                    "fresh normal objects under each model (a seed's on its own test survey, a tile's on the other tiles; "
+                    "'!': above the binomial 99 % bound of a valid p-value at that row's n, e.g. "
+                    + ", ".join(f"{a:g}: ≤ {stats.binom.ppf(0.99, 5700, a) / 5700:.4f}" for a in LEVELS) + " at n = 5 700)")
+        print_table(fdp_rows, ["model", "hunted survey", f"listed at q ≤ {ALPHA}", "normal listed", "FDP", "anomalies listed"],
+                    "each survey hunted with the model: its BH list")
+        what = " and ".join(x for x in (f"{len(args.seeds)} held-out seed models" if args.seeds else "",
+                                         f"{len(args.tiles)} tile models" if args.tiles else "") if x)
+        print(f"validity: worst share of fresh normal objects over nominal across {what}: "
+              + ", ".join(f"P(p ≤ {a:g}) {worst[a]:.1f}×" for a in LEVELS)
               + f"; worst FDP of a list {max(r[4] for r in fdp_rows):.2f}")
-
 
 if __name__ == "__main__":
     main()
