@@ -304,8 +304,9 @@ class ChiScanner(nn.Module):
 
         return [f"{k}@{s:g}" for s in self.scales for k in self.SUMMARIES]
 
-    def _maps(self, residual: Tensor, x_hat: Tensor, mask: Tensor, known: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
-        chi = self.noise.chi(residual, x_hat, mask, known)
+    def _maps(self, residual: Tensor, x_hat: Tensor, mask: Tensor, known: Tensor | None = None,
+              chi: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        chi = self.noise.chi(residual, x_hat, mask, known) if chi is None else chi
         B = self.bands
         m = mask
         n = m.sum(1, keepdim=True)
@@ -338,11 +339,14 @@ class ChiScanner(nn.Module):
         self.chromatic_spread = torch.stack([spread(c) for c in chrom]).to(self.chromatic_spread)
         return self
 
-    def features(self, residual: Tensor, x_hat: Tensor, mask: Tensor, known: Tensor | None = None) -> Tensor:
+    def features(self, residual: Tensor, x_hat: Tensor, mask: Tensor, known: Tensor | None = None,
+                 chi: Tensor | None = None) -> Tensor:
         r"""Returns the summaries :math:`(N, 4 S)` of residuals :math:`(N, B, H, W)`, in the column
-        order of :meth:`names`; `known` as in :meth:`fit`."""
+        order of :meth:`names`; `known` as in :meth:`fit`; `chi`: the residual's χ map under this
+        scanner's noise model when the caller has it already (:meth:`ResidualNoise.chi` of the same
+        arguments), so it is not computed twice."""
 
-        both, chrom = self._maps(residual, x_hat, mask, known)
+        both, chrom = self._maps(residual, x_hat, mask, known, chi)
         core = self.core.to(residual)
         cols = []
         for j, (b, c) in enumerate(zip(both, chrom)):

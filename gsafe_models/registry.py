@@ -161,10 +161,14 @@ class Pass:
     @cached_property
     def noise_units(self) -> Tensor:
         r"""Sky-subtracted raw cutouts in units of each band's noise, missing pixels filled from
-        the reconstruction, so photometry sees a complete cutout."""
+        the reconstruction, so photometry sees a complete cutout (the network runs only for a
+        batch with missing pixels: statistics that read no representation, such as the defaults,
+        need no encoder pass otherwise)."""
 
         norm = self.bundle.normaliser
-        raw = torch.where(self.mask.bool(), torch.nan_to_num(self.images.to(self.x.dtype)), norm.inverse(self.x_hat))
+        raw = torch.nan_to_num(self.images.to(self.x.dtype))
+        if not bool(self.mask.bool().all()):
+            raw = torch.where(self.mask.bool(), raw, norm.inverse(self.x_hat))
         return (raw - norm.sky.view(1, -1, 1, 1).to(raw)) / norm.noise.view(1, -1, 1, 1).to(raw)
 
     @cached_property
@@ -369,7 +373,7 @@ def _chi(p: Pass) -> Tensor:
 
 @_feature("chi_pca", parts=("pca", "chi_scanner_pca"))
 def _chi_pca(p: Pass) -> Tensor:
-    return p.bundle.parts["chi_scanner_pca"].features(p.x - p.pca_hat, p.pca_hat, p.mask, p.known(p.pca_hat))
+    return p.bundle.parts["chi_scanner_pca"].features(p.x - p.pca_hat, p.pca_hat, p.mask, p.known(p.pca_hat), chi=p.pca_chi)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,6 +102,17 @@ def test_an_extended_faint_departure_shows_at_the_large_scale(scanner):
     assert b["max@2"] - a["max@2"] > 2 * (b["max@0"] - a["max@0"])
 
 
+def test_a_chi_map_given_gives_the_same_summaries_and_a_different_one_changes_them(scanner):
+    scan, x_hat = scanner
+    g = torch.Generator().manual_seed(6)
+    r = 0.1 * torch.randn(4, 3, 24, 24, generator=g)
+    mask = torch.ones_like(r)
+    mask[1, 2, :5] = 0
+    chi = scan.noise.chi(r, x_hat[:4], mask)
+    assert torch.equal(scan.features(r, x_hat[:4], mask, chi=chi), scan.features(r, x_hat[:4], mask))
+    assert not torch.equal(scan.features(r, x_hat[:4], mask, chi=2 * chi), scan.features(r, x_hat[:4], mask))
+
+
 @pytest.mark.parametrize("sigma", [0.7, 2.0, 4.0])
 def test_banded_smoothing_equals_the_depthwise_convolution(sigma):
     import torch.nn.functional as F
