@@ -745,26 +745,18 @@ def reviewed_calibration(r: dict, stats, rule, share: float) -> tuple[dict, int,
 
 def pooled_selection(results: dict, rules, objective=synth_objective) -> tuple[tuple[str, ...], str, float]:
     """Greedy forward selection, as :meth:`Evaluator.greedy`, on the synthetic objective averaged over
-    every seed, per rule; then the best rule whose set lists synthetic perturbations on every seed
-    (:func:`best_listing`): one class-free choice for the defaults instead of one per seed."""
-    evs = [r["ev"] for r in results.values()]
-    with _MemoTail():
-        return best_listing(pooled_candidates(results, rules, objective), evs)
+    every survey, per rule; then the rule whose set lists synthetic perturbations on the most surveys,
+    then the best (:func:`best_listing`): one class-free choice for the defaults instead of one per seed."""
+    return best_listing(pooled_candidates(results, rules, objective), [r["ev"] for r in results.values()])
 
 
 def pooled_candidates(results: dict, rules, objective=synth_objective) -> list[tuple[tuple[str, ...], str, float]]:
-    """Per rule, the greedy set on the synthetic objective averaged over every survey (memoised)."""
-    key = (tuple(rules), objective)
-    memo = _POOLED.setdefault(id(results), {})
-    if key not in memo:
-        evs = [r["ev"] for r in results.values()]
-        with _MemoTail():
-            memo[key] = [greedy(lambda stats, rule: float(np.mean([objective(ev.run(stats, rule)) for ev in evs])),
-                                evs[0].names, [rule]) for rule in rules]
-    return memo[key]
-
-
-_POOLED: dict = {}
+    """Per rule, the greedy set on the synthetic objective averaged over every survey (a second call
+    costs little: every evaluation is cached in its survey's :class:`Evaluator`)."""
+    evs = [r["ev"] for r in results.values()]
+    with _MemoTail():
+        return [greedy(lambda stats, rule: float(np.mean([objective(ev.run(stats, rule)) for ev in evs])),
+                       evs[0].names, [rule]) for rule in rules]
 
 
 def time_training(args, home, where) -> None:

@@ -159,5 +159,6 @@ def main() -> None:
               + ", ".join(f"P(p ≤ {a:g}) {worst[a]:.1f}×" for a in LEVELS)
               + f"; worst FDP of a list {max(r[4] for r in fdp_rows):.2f}")
 
+
 if __name__ == "__main__":
     main()
