@@ -15,7 +15,8 @@ a user hunts a new tile: train on the tile itself (a small, dirty set), score it
 3. `gsafe ingest TILE --catalog CAT` (the library call), truth joined, a Detector fitted exactly as
    `gsafe train` fits it (defaults; the tile's own train / val / calib split), every object scored;
 4. AUROC overall and per kind for gsafe's defaults, each of its statistics, and the peers (the
-   detector's own asinh stretch, as in `bench/quality.py`), and what the statistics carry: a supervised
+   detector's own asinh stretch, as in `bench/quality.py`), `bench/combiner.py`'s label-free combiner trained on
+   the tile's own validation split against its generic perturbations, and what the statistics carry: a supervised
    combination of every statistic trained on the tile's own truth and scored out of fold (about what a
    label-free rule over them can hope for, `quality.supervised_ceiling`). The field is crowded (a 32-pixel cutout holds
    ~1.6 sources), so the cutouts of ~30 % of the normal sources hold light planted beside a neighbour (a
@@ -152,6 +153,25 @@ def make_tile(args, where):
     return where / "tile.fits", where / "catalog.csv", where / "truth.fits", len(ys), n_anom, shows_neighbours
 
 
+def combiner_scores(every, url: str, images: np.ndarray) -> np.ndarray:
+    """`bench/combiner.py`'s monotone boosted trees over every statistic, trained on the tile's own validation
+    split (every object of it, unlabelled: planted ones included, as a user's tile would be) against its copies
+    perturbed by each generic kind of `gsafe_models.perturb`; no planted kind and no label is seen."""
+    from combiner import fit_combiner
+    from gsafe_models.perturb import KINDS as PERTURBATIONS, band_noise, perturb
+    from tasks.train import store_splits
+
+    ref = images[np.sort(store_splits(url)["val"])]
+    noise = band_noise(ref)
+    names = list(every.statistic_names)
+
+    def matrix(x):
+        raw = every.statistics(x)
+        return np.stack([raw[n] for n in names], 1)
+    S = {"ref": matrix(ref)} | {f"synth:{k}": matrix(perturb(ref, k, seed=j, noise=noise)) for j, k in enumerate(PERTURBATIONS)}
+    return fit_combiner(S, list(PERTURBATIONS), "monotone-trees", "z", 0.1)(matrix(images))
+
+
 def main() -> None:
     args = parse_args()
     threads = set_threads(args.threads)
@@ -195,6 +215,9 @@ def main() -> None:
         every_stats = every.statistics(images)
         for name, v in every_stats.items():
             scores[f"  statistic {name}"] = v
+        with Timer() as t:
+            scores["gsafe outlier-exposure combiner (monotone trees)"] = combiner_scores(every, url, images)
+        print(f"outlier-exposure combiner (bench/combiner.py) trained on the tile's validation split in {t.seconds:.0f} s")
         X = stretched(det, images)
         scores.update(peer_methods(X, X, 32, args.seed))
         present = sorted(set(classes[labels == 1]))
