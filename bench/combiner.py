@@ -132,12 +132,10 @@ def loko(S: dict, kinds: list[str], name: str, how: str, C: float, folds: int = 
 def evaluate(score_test: np.ndarray, score_calib: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> dict:
     from gsafe_models.calibration import TailCalibrator, bh_qvalues
     from gsafe_models.detector import DetectorConfig
-    from gsafe_models.metrics import auroc, realised_fdr
+    from gsafe_models.metrics import per_class_report, realised_fdr
 
-    present = sorted(set(classes[labels == 1]))
-    r = {"all": auroc(score_test, labels)}
-    r["class"] = {c: auroc(score_test[(labels == 0) | (classes == c)], classes[(labels == 0) | (classes == c)] == c)
-                  for c in present}
+    rep = per_class_report(score_test, labels, classes)
+    r = {"all": rep.pop("all")["auroc"], "class": {c: v["auroc"] for c, v in rep.items()}}
     p = TailCalibrator(trim=DetectorConfig().calibration_trim).fit(score_calib).pvalues(score_test)
     q = bh_qvalues(p)
     r["fdr"], _ = realised_fdr(q, labels, 0.1)
