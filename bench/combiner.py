@@ -186,9 +186,9 @@ def run(args):
         labels, classes = np.asarray(cat["label"]).astype(int), np.asarray(cat["anomaly_class"]).astype(str)
         kinds = [k for k in KINDS if f"synth:{k}" in S]
         results = {}
-        default = tuple(DetectorConfig().statistics)
-        d = Evaluator(names, S, labels, classes, DetectorConfig().calibration_trim, seed).run(default, DetectorConfig().combination)
-        results[f"defaults ({DetectorConfig().combination}: {'+'.join(default)})"] = {
+        cfg = DetectorConfig()
+        d = Evaluator(names, S, labels, classes, cfg.calibration_trim, seed).run(tuple(cfg.statistics), cfg.combination)
+        results[f"defaults ({cfg.combination}: {'+'.join(cfg.statistics)})"] = {
             "all": d["all"], "class": d["class"], "listed": d["listed"], "fdr": d["fdr"], "loko": None}
         singles = {n: auroc(S["test"][:, j], labels) for j, n in enumerate(names)}
         best = max(singles, key=singles.get)

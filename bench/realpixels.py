@@ -153,7 +153,7 @@ def make_tile(args, where):
     return where / "tile.fits", where / "catalog.csv", where / "truth.fits", len(ys), n_anom, shows_neighbours
 
 
-def combiner_scores(every, url: str, images: np.ndarray) -> np.ndarray:
+def combiner_scores(every, url: str, images: np.ndarray, every_stats: dict[str, np.ndarray]) -> np.ndarray:
     """`bench/combiner.py`'s monotone boosted trees over every statistic, trained on the tile's own validation
     split (every object of it, unlabelled: planted ones included, as a user's tile would be) against its copies
     perturbed by each generic kind of `gsafe_models.perturb`; no planted kind and no label is seen."""
@@ -169,7 +169,7 @@ def combiner_scores(every, url: str, images: np.ndarray) -> np.ndarray:
         raw = every.statistics(x)
         return np.stack([raw[n] for n in names], 1)
     S = {"ref": matrix(ref)} | {f"synth:{k}": matrix(perturb(ref, k, seed=j, noise=noise)) for j, k in enumerate(PERTURBATIONS)}
-    return fit_combiner(S, list(PERTURBATIONS), "monotone-trees", "z", 0.1)(matrix(images))
+    return fit_combiner(S, list(PERTURBATIONS), "monotone-trees", "z", 0.1)(np.stack([every_stats[n] for n in names], 1))
 
 
 def main() -> None:
@@ -216,7 +216,7 @@ def main() -> None:
         for name, v in every_stats.items():
             scores[f"  statistic {name}"] = v
         with Timer() as t:
-            scores["gsafe outlier-exposure combiner (monotone trees)"] = combiner_scores(every, url, images)
+            scores["gsafe outlier-exposure combiner (monotone trees)"] = combiner_scores(every, url, images, every_stats)
         print(f"outlier-exposure combiner (bench/combiner.py) trained on the tile's validation split in {t.seconds:.0f} s")
         X = stretched(det, images)
         scores.update(peer_methods(X, X, 32, args.seed))
