@@ -22,11 +22,17 @@ cutouts, 1 % anomalies of every class) and a fresh test survey (3 000, 15 %, see
 and scores the test survey: the test survey's normal objects, and its BH list (realised FDR, share of the
 anomalies listed). Seeds 0 and 1 alone hid a realised FDR twice q for days (BENCHMARKS.md, "Validity repaired").
 
-Fitted detectors are cached under a key of their whole `DetectorConfig`, so a change of default refits them.
+Fitted detectors are cached under a key of the whole `DetectorConfig` that `gsafe train` plans for the store (a small
+store gets a cross-fitted calibration, `tasks.train.training_plan`), so a change of default refits them.
 
     python bench/validity.py --cache DIR                      # tiles 7-10, seeds 2-3: ~20 min on 2 cores the first time
     python bench/validity.py --cache DIR --config FIELD=VALUE # a DetectorConfig setting, as in quality.py
     python bench/validity.py --cache DIR --seeds              # tiles only
+    python bench/validity.py --cache DIR --tiles --seeds 50 51 52 53 54 55 56 57 --train 400 --test 400   # small surveys
+
+**Small surveys** (`--train`, `--test`): the held-out seeds at another size. The FDR is an expectation over
+calibration draws, so with several seeds the mean FDP of their lists is printed with its standard error, and
+their normal objects are pooled.
 """
 
 from __future__ import annotations
@@ -53,11 +59,19 @@ def config_key(config: dict) -> str:
     return hashlib.sha1(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def fitted(path: Path, url: str, config: dict, settings, what: str):
-    """The detector fitted on `url` as `gsafe train` fits it, cached at `path`."""
-    from gsafe_models.detector import Detector
-    from tasks.train import fit_detector_task
+def fitted(where: Path, name: str, url: str, config: dict, settings, what: str):
+    """The detector fitted on `url` as `gsafe train` fits it, cached in `where` under `name` and a key of
+    the config `gsafe train` plans for that store (`tasks.train.training_plan`: a small store's
+    calibration is cross-fitted)."""
+    import warnings
 
+    from gsafe_models.detector import Detector
+    from tasks.train import fit_detector_task, training_plan
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fit_detector_task plans again, and warns there
+        planned, _ = training_plan(url, config)
+    path = where / f"{name}_{config_key(planned)}.bin"
     if not path.exists():
         with Timer() as t:
             payload = fit_detector_task.fn(url, config, settings.model_dump(mode="json"))
@@ -96,6 +110,8 @@ def parse_args():
     p.add_argument("--cache", default=None, help="folder for the tiles and the fitted detectors (kept between runs)")
     p.add_argument("--seeds", type=int, nargs="*", default=[2, 3],
                    help="held-out survey seeds (a training and a fresh test survey each, as quality.py makes them); none: tiles only")
+    p.add_argument("--train", type=int, default=3000, help="cutouts of a held-out seed's training survey (1 %% anomalies)")
+    p.add_argument("--test", type=int, default=3000, help="cutouts of a held-out seed's test survey (15 %% anomalies)")
     p.add_argument("--seed", type=int, default=0, help="the detectors' seed")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE", help="DetectorConfig fields to set")
@@ -126,14 +142,24 @@ def main() -> None:
 
         # held-out seeds: a default model on its own fresh test survey
         seed_config = {"seed": args.seed} | config_overrides(args)
+        pooled: dict[str, list] = {}  # the held-out seeds' normal objects' p-values, pooled over seeds
         for s in args.seeds:
-            train_url, test_url = simulate(where, settings, argparse.Namespace(train=3000, test=3000, train_anomalies=0.01,
-                                                                               test_anomalies=0.15), s)
-            det = fitted(where / f"validity_seed{s}_{config_key(seed_config)}.bin", train_url, seed_config, settings, f"seed {s}")
+            train_url, test_url = simulate(where, settings, argparse.Namespace(train=args.train, test=args.test,
+                                                                               train_anomalies=0.01, test_anomalies=0.15), s)
+            size = "" if (args.train, args.test) == (3000, 3000) else f"_{args.train}_{args.test}"
+            det = fitted(where, f"validity_seed{s}{size}", train_url, seed_config, settings, f"seed {s}")
             test = SurveyStore.open(test_url)
             y = np.asarray(test.read_catalog(["label"])["label"]).astype(int)
             scored = det.score(test.read_images(), variance=test.read_variance())
             check(det, f"seed {s}", {f"seed {s} (test)": scored}, {f"seed {s} (test)": y}, rows, fdp_rows, worst)
+            for key in [f"p_{n}" for n in det.statistic_names] + ["p_value"]:
+                pooled.setdefault(key, []).append(scored[key][y == 0])
+        if len(args.seeds) > 1:
+            for key, ps in pooled.items():
+                p = np.concatenate(ps)
+                rows.append([f"{len(args.seeds)} seeds pooled", key.removeprefix("p_") if key != "p_value" else "combined", "", "",
+                             len(p)] + [f"{np.mean(p <= a):.4f}{' !' if np.mean(p <= a) > stats.binom.ppf(0.99, len(p), a) / len(p) else ''}"
+                                        for a in LEVELS])
 
         # tiles: a single-tile model on the other tiles
         tile_config = {"seed": args.seed, "epochs": 10} | config_overrides(args)
@@ -142,7 +168,7 @@ def main() -> None:
             store = SurveyStore.open(simulate_tile(where, settings, argparse.Namespace(train=2000, train_anomalies=0.05), t))
             tiles[t] = (store.read_images(), np.asarray(store.read_catalog(["label"])["label"]).astype(int), store.url)
         for m in args.tiles:
-            det = fitted(where / f"validity_det{m}_{config_key(tile_config)}.bin", tiles[m][2], tile_config, settings, f"tile {m}")
+            det = fitted(where, f"validity_det{m}", tiles[m][2], tile_config, settings, f"tile {m}")
             others = [t for t in args.tiles if t != m]
             check(det, f"tile {m}", {f"tile {t}": det.score(tiles[t][0]) for t in others},
                   {f"tile {t}": tiles[t][1] for t in others}, rows, fdp_rows, worst)
@@ -153,6 +179,11 @@ def main() -> None:
                     + ", ".join(f"{a:g}: ≤ {stats.binom.ppf(0.99, 5700, a) / 5700:.4f}" for a in LEVELS) + " at n = 5 700)")
         print_table(fdp_rows, ["model", "hunted survey", f"listed at q ≤ {ALPHA}", "normal listed", "FDP", "anomalies listed"],
                     "each survey hunted with the model: its BH list")
+        seed_fdp = [r[4] for r in fdp_rows if str(r[0]).startswith("seed ")]
+        if len(seed_fdp) > 1:  # the FDR is an expectation: the mean FDP over the held-out seeds' lists, with its standard error
+            print(f"held-out seeds ({args.train} + {args.test} cutouts): mean FDP of {len(seed_fdp)} lists at q ≤ {ALPHA} "
+                  f"{np.mean(seed_fdp):.3f} ± {np.std(seed_fdp, ddof=1) / np.sqrt(len(seed_fdp)):.3f} (s.e.); mean share of "
+                  f"the anomalies listed {np.mean([r[5] for r in fdp_rows if str(r[0]).startswith('seed ')]):.3f}")
         what = " and ".join(x for x in (f"{len(args.seeds)} held-out seed models" if args.seeds else "",
                                          f"{len(args.tiles)} tile models" if args.tiles else "") if x)
         print(f"validity: worst share of fresh normal objects over nominal across {what}: "

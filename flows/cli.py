@@ -295,7 +295,7 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
           statistics: Optional[str] = typer.Option(None, "--statistics", parser=_statistics, help="comma-separated score statistics, among the Detector's (an unknown one lists them; default: departure_density_pca, chi_chromatic_pca, chosen on synthetic perturbations of normal objects, see BENCHMARKS.md)"),
           combination: Optional[str] = typer.Option(None, "--combination", parser=_combination, help="rule combining the statistics' p-values: simes (default), bonferroni, fisher, stouffer, cauchy, dose... (an unknown one lists them)"),
           calibration_trim: Optional[float] = typer.Option(None, "--calibration-trim", min=0.0, max=0.5, help="largest share of calibration values that may be dropped as outliers (the anomalies a 'normal' set holds; default 0 keeps all: with 0.05 a heavy normal tail was taken for outliers, see BENCHMARKS.md)"),
-          calibration_folds: Optional[int] = typer.Option(None, "--calibration-folds", min=0, max=20, help="cross-fit the calibration over the training objects in K folds (2-20; 0 = off, the default until review labels leave objects out, then 3; see BENCHMARKS.md)"),
+          calibration_folds: Optional[int] = typer.Option(None, "--calibration-folds", min=0, max=20, help="cross-fit the calibration over the training objects in K folds (2-20; 0 = off, the default unless review labels leave objects out or the calibration split holds fewer than 120 objects, then 3; see BENCHMARKS.md)"),
           home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,
           as_json: bool = JSON):
     """Train a Detector (representation + latent densities + calibrated combined test) on a store,

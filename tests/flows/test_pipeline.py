@@ -223,6 +223,28 @@ def test_a_store_with_variance_planes_trains_and_scores_with_them(train_store, t
     assert not np.allclose(table["score"], without["score"], rtol=1e-3)
 
 
+def test_a_small_store_gets_a_cross_fitted_calibration_or_a_warning(train_store, tiny_model, tmp_path):
+    # 640 objects hold ~96 calibration objects: a list's p-values would rest on a tail model fitted
+    # to ~10 values (on 400-object surveys normal objects reached p <= 1e-3 at 5.5x nominal), so
+    # the calibration is cross-fitted over the training objects, or the user is told why it is not
+    import warnings
+
+    from tasks.train import REVIEW_FOLDS, SMALL_CALIBRATION, store_splits, training_plan
+
+    url = _copy(train_store, tmp_path, "small.zarr")  # no review labels: the size alone decides
+    n = len(store_splits(url)["calib"])
+    assert 0 < n < SMALL_CALIBRATION
+    config, leave_out = training_plan(url, tiny_model)
+    assert config["calibration_folds"] == REVIEW_FOLDS and len(leave_out) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a split of n counts as large under a limit of n: unchanged, silent
+        assert "calibration_folds" not in training_plan(url, tiny_model, small_calibration=n)[0]
+    with pytest.warns(UserWarning, match=f"has {n} calibration objects.*read the representation"):
+        assert "calibration_folds" not in training_plan(url, tiny_model | {"statistics": ("chi_density_pca", "G")})[0]
+    with pytest.warns(UserWarning, match="calibration_folds=0 was asked"):
+        assert training_plan(url, tiny_model | {"calibration_folds": 0})[0]["calibration_folds"] == 0
+
+
 def test_review_labels_leave_every_split_and_cross_fit_the_calibration(train_store, tiny_model, settings, sdict, flows_ctx,
                                                                        tmp_path):
     # the scientist labelled the survey's anomalies interesting or artefact and one normal object
@@ -248,10 +270,10 @@ def test_review_labels_leave_every_split_and_cross_fit_the_calibration(train_sto
     normal = int(np.flatnonzero(truth == 0)[0])
     lab.append_labels(store, lab.make_rows([ids[normal]], "not_interesting", model="tiny/1"))
 
-    config, leave_out = training_plan(url, tiny_model)
+    config, leave_out = training_plan(url, tiny_model, small_calibration=0)  # the labels alone, whatever the store's size
     assert sorted(leave_out) == sorted(anomalies) and config["calibration_folds"] == REVIEW_FOLDS
-    assert training_plan(url, tiny_model | {"calibration_folds": 0})[0]["calibration_folds"] == 0  # the user's word stands
-    assert "calibration_folds" not in training_plan(url, tiny_model | {"statistics": ("chi_density_pca", "G")})[0]
+    assert training_plan(url, tiny_model | {"calibration_folds": 0}, small_calibration=0)[0]["calibration_folds"] == 0  # the user's word stands
+    assert "calibration_folds" not in training_plan(url, tiny_model | {"statistics": ("chi_density_pca", "G")}, small_calibration=0)[0]
 
     r = train_flow(url, "tiny_reviewed", tiny_model, sdict)
     det = load_detector(tracking.download_detector(tracking.ModelRef("tiny_reviewed", r["version"])))
