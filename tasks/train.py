@@ -83,10 +83,11 @@ def training_plan(store_url: str, config: dict, small_calibration: int | None = 
             and not reads_representation(cfg.statistics):
         config["calibration_folds"] = REVIEW_FOLDS
     if small and not config.get("calibration_folds"):
+        rep = reads_representation(cfg.statistics)
         why = ("calibration_folds=0 was asked" if "calibration_folds" in config else
                f"fit_trim={cfg.fit_trim} rules out cross-fitting (set it to 0)" if cfg.fit_trim else
-               f"the statistics {', '.join(cfg.statistics)} read the representation, which cannot be cross-fitted "
-               f"(train with statistics that do not)")
+               f"{', '.join(rep)} read{'s' if len(rep) == 1 else ''} the representation, which cannot be cross-fitted "
+               f"(train without {'it' if len(rep) == 1 else 'them'})")
         warnings.warn(f"gsafe train: {store_url} has {n_calib} calibration objects, fewer than "
                       f"{limit}, and {why}: p-values "
                       f"below 1/{n_calib + 1} rest on a tail model fitted to a few values, so a list may hold more "

@@ -239,7 +239,7 @@ def test_a_small_store_gets_a_cross_fitted_calibration_or_a_warning(train_store,
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a split of n counts as large under a limit of n: unchanged, silent
         assert "calibration_folds" not in training_plan(url, tiny_model, small_calibration=n)[0]
-    with pytest.warns(UserWarning, match=f"has {n} calibration objects.*read the representation"):
+    with pytest.warns(UserWarning, match=f"has {n} calibration objects.*and G reads the representation"):
         assert "calibration_folds" not in training_plan(url, tiny_model | {"statistics": ("chi_density_pca", "G")})[0]
     with pytest.warns(UserWarning, match="calibration_folds=0 was asked"):
         assert training_plan(url, tiny_model | {"calibration_folds": 0})[0]["calibration_folds"] == 0
