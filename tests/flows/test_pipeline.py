@@ -224,8 +224,8 @@ def test_a_store_with_variance_planes_trains_and_scores_with_them(train_store, t
 
 
 def test_a_small_store_gets_a_cross_fitted_calibration_or_a_warning(train_store, tiny_model, tmp_path):
-    # 640 objects hold ~96 calibration objects: a list's p-values would rest on a tail model fitted
-    # to ~10 values (on 400-object surveys normal objects reached p <= 1e-3 at 5.5x nominal), so
+    # 640 objects hold ~100 calibration objects: a list's p-values would rest on a tail model fitted
+    # to ~10 values (on 400-object surveys normal objects reached p <= 1e-3 at 2.8x nominal), so
     # the calibration is cross-fitted over the training objects, or the user is told why it is not
     import warnings
 
