@@ -92,9 +92,11 @@ def make_model(name: str, d: int, C: float):
 
 
 def features(S: dict, how: str):
-    """Each statistic in robust-z units of the reference normals (or sign · log1p|z|)."""
-    loc = np.median(S["ref"], 0)
-    scale = 1.4826 * np.median(np.abs(S["ref"] - loc), 0)
+    """Each statistic in robust-z units of the reference normals (or sign · log1p|z|); a statistic whose
+    MAD is 0 is left in its own units."""
+    from gsafe_models.robust import robust_scale
+
+    loc, scale = robust_scale(S["ref"], axis=0, fallback=False)
     scale[~(scale > 0)] = 1.0
 
     def f(x: np.ndarray) -> np.ndarray:
