@@ -97,6 +97,10 @@ def _statistics(value: str) -> tuple[str, ...]:
     from gsafe_models.detector import DetectorConfig   # its own check: whatever statistics it knows
 
     names = tuple(x.strip() for x in value.split(",") if x.strip())
+    if names == ("all",):  # every registered statistic: what combination=exposure learns from
+        from gsafe_models.detector import STATISTICS
+
+        return STATISTICS
     try:
         DetectorConfig(statistics=names)
     except ValueError as e:
@@ -292,8 +296,8 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
           latent_dim: Optional[int] = typer.Option(None, "--latent-dim", min=1, help="size of the latent space (default 32)"),
           beta: Optional[float] = typer.Option(None, "--beta", min=0.0, help="VAE β: weight of the KL term (default 1)"),
           contrastive: Optional[float] = typer.Option(None, "--contrastive", min=0.0, help="weight of a SimCLR term on the autoencoder's latents (rotations, flips, shifts, noise redraws of each cutout; default 0: a plain autoencoder; see BENCHMARKS.md)"),
-          statistics: Optional[str] = typer.Option(None, "--statistics", parser=_statistics, help="comma-separated score statistics, among the Detector's (an unknown one lists them; default: departure_density_pca, chi_chromatic_pca, chosen on synthetic perturbations of normal objects, see BENCHMARKS.md)"),
-          combination: Optional[str] = typer.Option(None, "--combination", parser=_combination, help="rule combining the statistics' p-values: simes (default), bonferroni, fisher, stouffer, cauchy, dose... (an unknown one lists them)"),
+          statistics: Optional[str] = typer.Option(None, "--statistics", parser=_statistics, help="comma-separated score statistics, among the Detector's (an unknown one lists them), or all; default: departure_density_pca, chi_chromatic_pca, chosen on synthetic perturbations of normal objects, see BENCHMARKS.md"),
+          combination: Optional[str] = typer.Option(None, "--combination", parser=_combination, help="rule combining the statistics' p-values: simes (default), bonferroni, fisher, stouffer, cauchy, dose, or exposure (monotone trees trained on the validation split against perturbed copies of it; use it with --statistics all, see BENCHMARKS.md)"),
           calibration_trim: Optional[float] = typer.Option(None, "--calibration-trim", min=0.0, max=0.5, help="largest share of calibration values that may be dropped as outliers (the anomalies a 'normal' set holds; default 0 keeps all: with 0.05 a heavy normal tail was taken for outliers, see BENCHMARKS.md)"),
           calibration_folds: Optional[int] = typer.Option(None, "--calibration-folds", min=0, max=20, help="cross-fit the calibration over the training objects in K folds (2-20; 0 = off, the default unless review labels leave objects out or the calibration split holds fewer than 120 objects, then 3; see BENCHMARKS.md)"),
           home: Optional[Path] = HOME, config: Optional[Path] = CONFIG, verbose: bool = VERBOSE,

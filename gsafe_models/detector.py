@@ -40,7 +40,10 @@ STATISTICS: tuple[str, ...] = tuple(_REGISTRY)
 REPRESENTATIONS: tuple[str, ...] = ("ae", "vae", "gan")
 
 #: The combination rules `DetectorConfig.combination` accepts.
-COMBINATIONS: tuple[str, ...] = (*COMBINERS, "dose")
+COMBINATIONS: tuple[str, ...] = (*COMBINERS, "dose", "exposure")
+
+#: At most this many validation cutouts (and 7 perturbed copies of each) train `combination="exposure"`.
+EXPOSURE_SAMPLE = 1000
 
 _FORMAT = 2  # bumped when the byte layout of `to_bytes` changes
 _CHUNK = 256  # cutouts per forward pass when scoring: bounded memory for any input size
@@ -59,7 +62,10 @@ class DetectorConfig:
         lr: The learning rate.
         patience: Early-stopping patience, in epochs.
         statistics: The statistics that enter the combined test, among :data:`STATISTICS`.
-        combination: The combination rule of :class:`~gsafe_models.calibration.CombinedTest`.
+        combination: The combination rule of :class:`~gsafe_models.calibration.CombinedTest`;
+            `"exposure"` trains monotone trees over the statistics on the validation split's objects
+            against their generically perturbed copies (:class:`~gsafe_models.calibration.ExposureScore`):
+            it needs `val`, and more than a few statistics to be worth it.
         seed: Seeds everything: weights, EM start, flow, calibration folds.
         channels: The encoder's channels per stage.
         lam: :math:`\lambda` of :math:`AS = \lambda G + (1 - \lambda) C`.
@@ -368,7 +374,7 @@ class Detector:
             )
 
         detector = cls.assemble(normaliser, net, train, calib, config=config, bands=bands, device=device,
-                                progress=progress, sample=(sample, sample_variance))
+                                progress=progress, sample=(sample, sample_variance), val=val)
         detector.history = history
         detector.diagnostics["fit_seconds"] = time.perf_counter() - start
         return detector
@@ -386,6 +392,7 @@ class Detector:
         device: str | None = None,
         progress: Callable[[dict], None] | None = None,
         sample: np.ndarray | tuple | None = None,
+        val: BatchFactory | None = None,
     ) -> "Detector":
         r"""Builds a detector around a trained representation: fits the parts its statistics need
         on `train`, and calibrates on `calib`.
@@ -405,6 +412,9 @@ class Detector:
             progress: Called with `{"stage": ...}` as each stage starts.
             sample: The first training cutouts the sample parts are fitted on, or a pair
                 `(cutouts, variances)` (default: the first `config.normaliser_sample` of `train`).
+            val: Batches of held-out cutouts that neither the statistics' models nor the
+                calibration see; `combination="exposure"` trains on them (at most
+                :data:`EXPOSURE_SAMPLE`) and on perturbed copies of them. Other rules ignore it.
         """
 
         device = resolve_device(device)
@@ -467,7 +477,11 @@ class Detector:
                 raw_sample = (np.zeros((0, *net.shape), np.float32), None)
             S_calib = np.concatenate([S_calib, _crossfit_statistics(bundle, train, raw_sample, config, names, device)])
             raw_sample = None
-        test = CombinedTest(config.combination, seed=config.seed, trim=config.calibration_trim).fit(S_train, S_calib, names)
+        S_fit, S_perturbed = S_train, None
+        if config.combination == "exposure":
+            report({"stage": "outlier exposure"})
+            S_fit, S_perturbed = _exposure_statistics(bundle, val, config, names, device)
+        test = CombinedTest(config.combination, seed=config.seed, trim=config.calibration_trim).fit(S_fit, S_calib, names, S_perturbed)
 
         # The differentiable surrogate of the combined score standardises each statistic on normal
         # data (median, IQR) of the calibration split.
@@ -475,7 +489,9 @@ class Detector:
         bundle.surrogate_loc = torch.as_tensor(q50, dtype=torch.float64, device=device)
         bundle.surrogate_scale = torch.as_tensor(np.maximum(q75 - q25, 1e-12) / 1.349, dtype=torch.float64, device=device)
 
-        diagnostics = _crossfit_check(S_train, S_calib, names, config)
+        diagnostics = _crossfit_check(S_fit, S_calib, names, config, S_perturbed)
+        if S_perturbed is not None:  # the objects (and their perturbed copies) the exposure trees learned from
+            diagnostics["exposure_n"] = int(len(S_fit))
         if config.calibration_folds:  # calibration objects beyond the calibration split: training objects, out of fold
             diagnostics["calibration_crossfit_n"] = int(len(S_calib) - n_split)
         if keep_train is not None:  # training objects the statistics' models were not fitted on
@@ -736,7 +752,7 @@ def _least_anomalous(S: np.ndarray, reference: np.ndarray, trim: float) -> np.nd
     return np.sort(np.argsort(worst, kind="stable")[: len(S) - n_drop])
 
 
-def _take(factory: BatchFactory, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _take(factory: BatchFactory, n: int, what: str = "training") -> tuple[np.ndarray, np.ndarray | None]:
     r"""Returns the first `n` cutouts a factory yields (fewer if it has fewer), and their variances
     (None unless every batch has them)."""
 
@@ -749,7 +765,7 @@ def _take(factory: BatchFactory, n: int) -> tuple[np.ndarray, np.ndarray | None]
         if held >= n:
             break
     if not parts:
-        raise ValueError("Detector.fit: the training factory yielded no batch")
+        raise ValueError(f"Detector.fit: the {what} factory yielded no batch")
     return np.concatenate(parts), None if any(v is None for v in variances) else np.concatenate(variances)
 
 
@@ -820,6 +836,33 @@ def _crossfit_statistics(bundle: _Bundle, train: BatchFactory, sample: tuple[np.
     return np.concatenate(out) if out else np.zeros((0, len(names)))
 
 
+@torch.no_grad()
+def _exposure_statistics(bundle: _Bundle, val: BatchFactory | None, config: DetectorConfig, names: list[str],
+                         device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    r"""The statistics of (at most :data:`EXPOSURE_SAMPLE`) validation cutouts, :math:`(n, k)`, and of
+    their copies perturbed by each generic kind of :mod:`gsafe_models.perturb`, :math:`(7n, k)`: what
+    `combination="exposure"` trains on. A kind's draws are seeded by `config.seed` and its index."""
+
+    from .perturb import KINDS, band_noise, perturb
+
+    if val is None:
+        raise ValueError("Detector.fit: combination='exposure' trains on the validation split's cutouts and perturbed "
+                         "copies of them, but no validation batches were given: pass `val`, or choose another combination")
+    images, variance = _take(val, EXPOSURE_SAMPLE, "validation")
+    if len(images) < 20:
+        raise ValueError(f"Detector.fit: combination='exposure' trains on the validation split's cutouts and perturbed "
+                         f"copies of them, but it holds {len(images)}: it needs 20 or more (a store of ~200 objects), or "
+                         f"choose another combination")
+
+    def matrix(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([_matrix(bundle.derive(bundle.features(a, names, v), names), names)
+                               for a, v in _tensor_chunks(x, variance, device)])
+
+    noise = band_noise(images)
+    perturbed = [matrix(perturb(images, k, seed=1000 * config.seed + j, noise=noise)) for j, k in enumerate(KINDS)]
+    return matrix(images), np.concatenate(perturbed)
+
+
 def _matrix(stats: dict, names: list[str]) -> np.ndarray:
     r"""Stacks per-statistic arrays into :math:`(N, k)` float64, columns in `names` order."""
 
@@ -827,7 +870,8 @@ def _matrix(stats: dict, names: list[str]) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def _crossfit_check(S_train: np.ndarray, S_calib: np.ndarray, names: list[str], config: DetectorConfig) -> dict:
+def _crossfit_check(S_train: np.ndarray, S_calib: np.ndarray, names: list[str], config: DetectorConfig,
+                    S_perturbed: np.ndarray | None = None) -> dict:
     r"""Checks calibration on the calibration split by cross-fitting: the test is fitted on one
     half and the other half's combined p-values are compared with the uniform: the one-sided KS
     statistic D+ (too many small p-values, what breaks a false-discovery list; a conservative rule
@@ -841,7 +885,7 @@ def _crossfit_check(S_train: np.ndarray, S_calib: np.ndarray, names: list[str], 
     halves = perm[: n // 2], perm[n // 2 :]
     pvals = []
     for fit_half, test_half in (halves, halves[::-1]):
-        t = CombinedTest(config.combination, seed=config.seed, trim=config.calibration_trim).fit(S_train, S_calib[fit_half], names)
+        t = CombinedTest(config.combination, seed=config.seed, trim=config.calibration_trim).fit(S_train, S_calib[fit_half], names, S_perturbed)
         pvals.append(t.pvalues(S_calib[test_half])["p_value"])
     p = np.concatenate(pvals)
     ks = sps.kstest(p, "uniform", alternative="greater")

@@ -112,7 +112,8 @@ def fit_detector_task(store_url: str, config: dict, settings: dict, run_id: str 
     split = {k: np.setdiff1d(v, leave_out) for k, v in store_splits(store_url).items()}
     # with the store's pixel variances, where it has them: the noise model uses them
     train = StoreBatches(store_url, split["train"], cfg.batch_size, shuffle=True, seed=cfg.seed, variance=True)
-    val = StoreBatches(store_url, split["val"], cfg.batch_size)
+    # combination="exposure" computes the statistics on the val split: with the variances the calibration has
+    val = StoreBatches(store_url, split["val"], cfg.batch_size, variance=cfg.combination == "exposure")
     calib = StoreBatches(store_url, split["calib"], cfg.batch_size, variance=True)
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not s.progress)
 

@@ -11,8 +11,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from .combine import _LOG_COMBINERS, _VALID_UNDER_DEPENDENCE, COMBINERS
+from .exposure import ExposureScore
 from .joint import JointDensity
 from .tail import TailCalibrator, _check_calib
+
+#: The rules whose combined statistic is a model fitted to normal objects' statistics.
+_LEARNED = ("dose", "exposure")
+
 
 class CombinedTest:
     r"""Per-statistic calibrators and a combination rule, with the combined statistic
@@ -40,6 +45,10 @@ class CombinedTest:
     training objects), its statistic is conformalised on all of `S_calib`, and the
     per-statistic p-values (reported, not combined) use all of `S_calib` too.
 
+    `"exposure"` is the same with an :class:`ExposureScore` (monotone trees) trained on
+    `S_fit`, normal objects held out from every fit and from the calibration, against
+    `S_perturbed`, their generically perturbed copies (outlier exposure).
+
     References:
         | Combining Multiple Statistical Tests for Out-of-Distribution Detection
           (Bergamin et al., 2022) https://arxiv.org/abs/2203.01097
@@ -47,7 +56,7 @@ class CombinedTest:
         | https://arxiv.org/abs/2104.08279
 
     Arguments:
-        method: One of :data:`COMBINERS` or `"dose"`.
+        method: One of :data:`COMBINERS`, `"dose"` or `"exposure"`.
         split: The fraction of calibration objects in fold A.
         tail_frac: Passed to every :class:`TailCalibrator`.
         seed: Seeds the fold split and the DoSE mixture.
@@ -70,8 +79,8 @@ class CombinedTest:
 
     def __init__(self, method: str = "fisher", split: float = 0.5, tail_frac: float = 0.1, seed: int = 0,
                  trim: float = 0.05, two_stage: bool | None = None, trimmed_are_normal: bool = True) -> None:
-        if method not in COMBINERS and method != "dose":
-            raise ValueError(f"CombinedTest: method={method!r}, expected one of {[*COMBINERS, 'dose']}")
+        if method not in COMBINERS and method not in _LEARNED:
+            raise ValueError(f"CombinedTest: method={method!r}, expected one of {[*COMBINERS, *_LEARNED]}")
         if not 0 < split < 1:
             raise ValueError(f"CombinedTest: split={split} must be in (0, 1)")
         self.method = method
@@ -82,14 +91,17 @@ class CombinedTest:
         self.trimmed_are_normal = bool(trimmed_are_normal)
         self.two_stage = method not in _VALID_UNDER_DEPENDENCE if two_stage is None else bool(two_stage)
 
-    def fit(self, S_fit: np.ndarray | None, S_calib: np.ndarray, names: Sequence[str]) -> "CombinedTest":
-        r"""Fits calibrators (and the DoSE density) to statistics of normal objects.
+    def fit(self, S_fit: np.ndarray | None, S_calib: np.ndarray, names: Sequence[str],
+            S_perturbed: np.ndarray | None = None) -> "CombinedTest":
+        r"""Fits calibrators (and the DoSE density or the exposure trees) to statistics of normal objects.
 
         Arguments:
             S_fit: Statistics of normal training objects, shape :math:`(n_1, k)`; used by
-                `"dose"` only (may be :py:`None` otherwise).
+                `"dose"` and `"exposure"` only (may be :py:`None` otherwise). For `"exposure"`,
+                objects held out from the statistics' fits and from `S_calib`.
             S_calib: Statistics of held-out normal objects, shape :math:`(n_2, k)`, finite.
             names: The statistic names, :math:`k` of them; p-values come back as `p_<name>`.
+            S_perturbed: `"exposure"` only: statistics of perturbed copies of `S_fit`'s objects.
         """
 
         S_calib = np.asarray(S_calib, dtype=np.float64)
@@ -101,13 +113,19 @@ class CombinedTest:
         _check_calib(S_calib, "CombinedTest.fit: S_calib")
         self.names = names
 
-        if self.method == "dose":
+        if self.method in _LEARNED:
             if S_fit is None:
-                raise ValueError("CombinedTest.fit: method 'dose' needs S_fit, statistics of normal training objects")
+                raise ValueError(f"CombinedTest.fit: method {self.method!r} needs S_fit, statistics of normal training objects")
             S_fit = np.asarray(S_fit, dtype=np.float64)
             if S_fit.ndim != 2 or S_fit.shape[1] != len(names):
                 raise ValueError(f"CombinedTest.fit: S_fit has shape {S_fit.shape}, expected (n, {len(names)})")
-            self.joint = JointDensity(seed=self.seed).fit(S_fit)
+            if self.method == "dose":
+                self.joint = JointDensity(seed=self.seed).fit(S_fit)
+            elif S_perturbed is None:
+                raise ValueError("CombinedTest.fit: method 'exposure' needs S_perturbed, statistics of perturbed copies of "
+                                 "S_fit's objects (gsafe_models.perturb)")
+            else:
+                self.joint = ExposureScore(seed=self.seed).fit(S_fit, S_perturbed)
             fold_a = fold_b = S_calib
         elif not self.two_stage:
             fold_a, fold_b = S_calib, None
@@ -137,7 +155,7 @@ class CombinedTest:
     def _statistic(self, S: np.ndarray, logP: np.ndarray) -> np.ndarray:
         r"""Returns the combined statistic, larger is more anomalous."""
 
-        if self.method == "dose":
+        if self.method in _LEARNED:
             return self.joint.statistic(S)
         log_max = np.array([math.log1p(-1 / (cal.n + 1)) for cal in self.calibrators])
         return -_LOG_COMBINERS[self.method](np.minimum(logP, log_max))
@@ -206,5 +224,6 @@ class CombinedTest:
         self.names = [str(n) for n in state["names"]]
         self.calibrators = [TailCalibrator.from_state(s) for s in state["calibrators"]]
         self.combined = None if state["combined"] is None else TailCalibrator.from_state(state["combined"])
-        self.joint = None if state["joint"] is None else JointDensity.from_state(state["joint"])
+        joint = state["joint"]
+        self.joint = None if joint is None else (ExposureScore if joint.get("kind") == "exposure" else JointDensity).from_state(joint)
         return self

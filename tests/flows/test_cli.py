@@ -253,6 +253,15 @@ def test_every_flow_has_a_description():
     assert [name for name, f in found.items() if not (f.description or "").strip()] == []
 
 
+def _json_cli(settings):
+    """Runs one gsafe command in-process with `--json` under the test home; returns its last JSON line."""
+    def run(*args):
+        r = CliRunner().invoke(app, [*args, "--home", str(settings.home), "--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    return run
+
+
 @pytest.mark.slow
 def test_the_references_methods_run_from_the_cli(train_store, settings, tmp_path):
     """A WGAN-GP with an encoder, a latent EBM statistic, constrained-Langevin training and DupLEX
@@ -260,12 +269,7 @@ def test_the_references_methods_run_from_the_cli(train_store, settings, tmp_path
     maths is tested in tests/models)."""
     url = str(tmp_path / "s.zarr")
     shutil.copytree(train_store, url)
-    home = ["--home", str(settings.home), "--json"]
-
-    def run(*args):
-        r = CliRunner().invoke(app, [*args, *home])
-        assert r.exit_code == 0, r.output
-        return json.loads(r.stdout.strip().splitlines()[-1])
+    run = _json_cli(settings)
 
     gan = run("train", "--store", url, "--model", "gan", "--representation", "gan", "--epochs", "1",
               "--latent-dim", "8", "--statistics", "AS,energy_ebm,chi_peak")
@@ -279,6 +283,29 @@ def test_the_references_methods_run_from_the_cli(train_store, settings, tmp_path
     with np.load(out / "attributions.npz") as maps:
         assert len(maps.files) == 2 and all(np.isfinite(maps[k]).all() and maps[k].any() for k in maps.files)
     assert "counterfactual" in (out / "index.html").read_text().lower()
+
+
+@pytest.mark.slow
+def test_a_combination_learned_from_perturbations_trains_and_scores_from_the_cli(train_store, settings, tmp_path):
+    """`--combination exposure`: trees trained on the validation split against perturbed copies of it,
+    registered, loaded back and scored over the store. (`--statistics all`, its natural partner, is
+    parsed below; fitting all 33 statistics here would cost minutes and test nothing more.)"""
+    from flows.cli import _statistics
+    from gsafe_models.detector import STATISTICS
+    from infra.store import SurveyStore
+
+    assert _statistics("all") == STATISTICS
+    url = str(tmp_path / "s.zarr")
+    shutil.copytree(train_store, url)
+    run = _json_cli(settings)
+
+    names = ("departure_density_pca", "chi_chromatic_pca", "colour", "patch_peak")
+    r = run("train", "--store", url, "--model", "exp", "--epochs", "1", "--latent-dim", "8",
+            "--combination", "exposure", "--statistics", ",".join(names))
+    run("score", "--store", url, "--model", f"exp/{r['version']}", "--workers", "1", "--out", str(tmp_path / "s.csv"))
+    scores = pd.read_csv(tmp_path / "s.csv")
+    assert len(scores) == SurveyStore.open(url).n and scores["p_value"].between(0, 1).all()
+    assert set(names) | {f"p_{n}" for n in names} <= set(scores.columns)
 
 
 def test_the_statistics_help_names_the_default_statistics():

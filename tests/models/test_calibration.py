@@ -288,9 +288,14 @@ def test_combined_state_round_trip_gives_identical_pvalues(method):
         np.testing.assert_array_equal(got[key], expected[key])
 
 
-def test_state_holds_no_torch_objects():
+@pytest.mark.parametrize("method", ["dose", "exposure"])  # the two rules whose state holds a fitted model
+def test_state_holds_no_torch_objects(method):
     rng = np.random.default_rng(7)
-    state = fit_test("dose", rng).state()
+    if method == "exposure":
+        S_fit = dependent_statistics(rng, 300)
+        state = CombinedTest(method).fit(S_fit, dependent_statistics(rng, 300), NAMES, S_fit + rng.exponential(2.0, S_fit.shape)).state()
+    else:
+        state = fit_test(method, rng).state()
 
     def walk(x):
         if isinstance(x, dict):

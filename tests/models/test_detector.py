@@ -103,6 +103,33 @@ def test_injected_anomalies_score_clearly_above_normal_objects(small_detector, s
     assert auroc(out["score"], test.label) > 0.8
 
 
+def test_exposure_combination_learns_from_the_validation_split_and_round_trips(detector, survey):
+    """combination="exposure": trees trained on the validation cutouts against perturbed copies of them,
+    conformalised on the calibration split; it finds the injected anomalies, saves as arrays, and
+    says what is missing when there is no validation split."""
+    from gsafe_models.perturb import KINDS
+
+    val = simulate_batch(0, 64, seed=4, anomaly_frac=0.0, bands=BANDS, size=SIZE).images
+    config = dataclasses.replace(detector.config, combination="exposure", statistics=(
+        "departure_density_pca", "chi_chromatic_pca", "chi_core_pca", "chi_peak_pca", "colour", "patch_peak"))
+    b = detector._bundle
+    stages = []
+    det = Detector.assemble(b.normaliser, b.net, _batches(survey["train"]), _batches(survey["calib"]), config=config,
+                            bands=BANDS, val=_batches(val), progress=stages.append)
+    assert {"stage": "outlier exposure"} in stages
+    assert det.diagnostics["exposure_n"] == 64 and det._test.joint.n_perturbed == 64 * len(KINDS)
+    test = survey["test"]
+    out = det.score(test.images)
+    assert np.isfinite(out["p_value"]).all() and auroc(out["score"], test.label) > 0.8
+    copy = Detector.from_bytes(det.to_bytes())
+    np.testing.assert_array_equal(copy.score(test.images[:40])["p_value"], out["p_value"][:40])
+    with pytest.raises(ValueError, match="no validation batches"):
+        Detector.assemble(b.normaliser, b.net, _batches(survey["train"]), _batches(survey["calib"]), config=config, bands=BANDS)
+    with pytest.raises(ValueError, match="it holds 10"):
+        Detector.assemble(b.normaliser, b.net, _batches(survey["train"]), _batches(survey["calib"]), config=config,
+                          bands=BANDS, val=_batches(val[:10]))
+
+
 def test_least_anomalous_sets_aside_the_objects_one_statistic_finds_extreme():
     from gsafe_models.detector import _least_anomalous
 
