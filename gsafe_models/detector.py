@@ -752,7 +752,7 @@ def _least_anomalous(S: np.ndarray, reference: np.ndarray, trim: float) -> np.nd
     return np.sort(np.argsort(worst, kind="stable")[: len(S) - n_drop])
 
 
-def _take(factory: BatchFactory, n: int, what: str = "training") -> tuple[np.ndarray, np.ndarray | None]:
+def _take(factory: BatchFactory, n: int) -> tuple[np.ndarray, np.ndarray | None]:
     r"""Returns the first `n` cutouts a factory yields (fewer if it has fewer), and their variances
     (None unless every batch has them)."""
 
@@ -765,8 +765,35 @@ def _take(factory: BatchFactory, n: int, what: str = "training") -> tuple[np.nda
         if held >= n:
             break
     if not parts:
-        raise ValueError(f"Detector.fit: the {what} factory yielded no batch")
+        raise ValueError("Detector.fit: the training factory yielded no batch")
     return np.concatenate(parts), None if any(v is None for v in variances) else np.concatenate(variances)
+
+
+def _reservoir(factory: BatchFactory, n: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    r"""Returns `n` cutouts drawn uniformly from all those a factory yields, in one pass with at most `n`
+    held (reservoir sampling, Vitter's algorithm R), and their variances (None unless every batch has
+    them); all of them, in order, where it yields `n` or fewer. A large survey's first chunks are
+    one part of the sky: a sample of the whole split is not."""
+
+    rng = np.random.default_rng(seed)
+    images, variances, seen, plain = None, None, 0, False
+    for batch in factory():
+        x, v = unpack_batch(batch)
+        plain |= v is None
+        if images is None:
+            images = np.empty((n, *x.shape[1:]), np.float32)
+            variances = np.full((n, *x.shape[1:]), np.nan, np.float32)
+        for i in range(len(x)):
+            j = seen if seen < n else int(rng.integers(0, seen + 1))
+            if j < n:
+                images[j] = x[i]
+                if v is not None:
+                    variances[j] = v[i]
+            seen += 1
+    if images is None:
+        return np.zeros((0,), np.float32), None
+    k = min(seen, n)
+    return images[:k], None if plain else variances[:k]
 
 
 @torch.no_grad()
@@ -839,7 +866,8 @@ def _crossfit_statistics(bundle: _Bundle, train: BatchFactory, sample: tuple[np.
 @torch.no_grad()
 def _exposure_statistics(bundle: _Bundle, val: BatchFactory | None, config: DetectorConfig, names: list[str],
                          device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    r"""The statistics of (at most :data:`EXPOSURE_SAMPLE`) validation cutouts, :math:`(n, k)`, and of
+    r"""The statistics of (at most :data:`EXPOSURE_SAMPLE`, drawn evenly from the whole split)
+    validation cutouts, :math:`(n, k)`, and of
     their copies perturbed by each generic kind of :mod:`gsafe_models.perturb`, :math:`(7n, k)`: what
     `combination="exposure"` trains on. A kind's draws are seeded by `config.seed` and its index."""
 
@@ -848,7 +876,7 @@ def _exposure_statistics(bundle: _Bundle, val: BatchFactory | None, config: Dete
     if val is None:
         raise ValueError("Detector.fit: combination='exposure' trains on the validation split's cutouts and perturbed "
                          "copies of them, but no validation batches were given: pass `val`, or choose another combination")
-    images, variance = _take(val, EXPOSURE_SAMPLE, "validation")
+    images, variance = _reservoir(val, EXPOSURE_SAMPLE, config.seed)
     if len(images) < 20:
         raise ValueError(f"Detector.fit: combination='exposure' trains on the validation split's cutouts and perturbed "
                          f"copies of them, but it holds {len(images)}: it needs 20 or more (a store of ~200 objects), or "

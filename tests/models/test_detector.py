@@ -130,6 +130,24 @@ def test_exposure_combination_learns_from_the_validation_split_and_round_trips(d
                           bands=BANDS, val=_batches(val[:10]))
 
 
+def test_the_exposure_sample_is_drawn_evenly_from_the_whole_validation_split():
+    """Reservoir sampling: every cutout of the stream equally likely, whichever batch it came in; a
+    short stream is kept whole and in order; variances only where every batch has them."""
+    from gsafe_models.detector import _reservoir
+
+    stream = np.arange(1000, dtype=np.float32).reshape(1000, 1, 1, 1)
+    per_batch = np.zeros(10)
+    for seed in range(400):
+        x, v = _reservoir(_batches(stream, bs=100), 50, seed)
+        assert x.shape == (50, 1, 1, 1) and v is None and len(np.unique(x)) == 50
+        per_batch += np.bincount((x.ravel() // 100).astype(int), minlength=10)
+    assert np.all(np.abs(per_batch - 2000) < 200), per_batch  # 400 x 50 / 10 each, s.d. ~43
+    x, v = _reservoir(lambda: ((stream[i:i + 30], stream[i:i + 30] + 0.5) for i in range(0, 60, 30)), 100, 0)
+    np.testing.assert_array_equal(x, stream[:60])
+    np.testing.assert_array_equal(v, stream[:60] + 0.5)
+    assert _reservoir(lambda: iter(()), 10, 0)[0].shape == (0,)
+
+
 def test_least_anomalous_sets_aside_the_objects_one_statistic_finds_extreme():
     from gsafe_models.detector import _least_anomalous
 
