@@ -245,12 +245,13 @@ def run(args):
         best = max(singles, key=singles.get)
         for m in args.models:
             score = fit_combiner(S, kinds, m, args.features, args.C)
-            r = evaluate(score(S["test"]), score(S["calib"]), labels, classes)
-            rc = evaluate(score(S["test"]), score(S["calib"][clean]), labels, classes)
+            s_test, s_calib = score(S["test"]), score(S["calib"])
+            r = evaluate(s_test, s_calib, labels, classes)
+            rc = evaluate(s_test, s_calib[clean], labels, classes)
             r["listed_clean"], r["fdr_clean"] = rc["listed"], rc["fdr"]
             r["review"] = {}
             for share in args.review:
-                rr = evaluate(score(S["test"]), score(S["calib"][reviewed(score(S["calib"]), ~clean, share)]), labels, classes)
+                rr = evaluate(s_test, s_calib[reviewed(s_calib, ~clean, share)], labels, classes)
                 r["review"][share] = (rr["listed"], rr["fdr"])
             r["loko"] = loko(S, kinds, m, args.features, args.C) if args.loko else None
             results[f"{m} ({args.features}) over {len(names)} statistics"] = r

@@ -213,9 +213,7 @@ def config_overrides(args) -> dict:
         if not sep or key not in fields:
             raise SystemExit(f"quality: --config {item!r}: expected FIELD=VALUE with FIELD among {sorted(fields)}")
         if key == "statistics":  # a comma-separated set, or all, as `gsafe train --statistics` takes it
-            from gsafe_models.detector import STATISTICS
-
-            out[key] = STATISTICS if value == "all" else tuple(v.strip() for v in value.split(",") if v.strip())
+            out[key] = tuple(v.strip() for v in value.split(",") if v.strip())
             continue
         try:
             out[key] = float(value) if any(c in value for c in ".e") else int(value)

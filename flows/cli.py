@@ -97,10 +97,6 @@ def _statistics(value: str) -> tuple[str, ...]:
     from gsafe_models.detector import DetectorConfig   # its own check: whatever statistics it knows
 
     names = tuple(x.strip() for x in value.split(",") if x.strip())
-    if names == ("all",):  # every registered statistic: what combination=exposure learns from
-        from gsafe_models.detector import STATISTICS
-
-        return STATISTICS
     try:
         DetectorConfig(statistics=names)
     except ValueError as e:

@@ -61,7 +61,8 @@ class DetectorConfig:
         batch_size: The batch size the caller's factories yield (advisory: batches are theirs).
         lr: The learning rate.
         patience: Early-stopping patience, in epochs.
-        statistics: The statistics that enter the combined test, among :data:`STATISTICS`.
+        statistics: The statistics that enter the combined test, among :data:`STATISTICS`, or
+            `"all"` for every one of them.
         combination: The combination rule of :class:`~gsafe_models.calibration.CombinedTest`;
             `"exposure"` trains monotone trees over the statistics on the validation split's objects
             against their generically perturbed copies (:class:`~gsafe_models.calibration.ExposureScore`):
@@ -149,7 +150,9 @@ class DetectorConfig:
     chi_density_floor: float = 1e-6
 
     def __post_init__(self) -> None:
-        self.statistics = tuple(self.statistics)
+        self.statistics = tuple([self.statistics] if isinstance(self.statistics, str) else self.statistics)
+        if self.statistics == ("all",):  # every registered statistic (what combination="exposure" learns from)
+            self.statistics = STATISTICS
         self.channels = tuple(int(c) for c in self.channels)
         self.gmm_components = tuple(int(c) for c in self.gmm_components)
         self.chi_scales = tuple(float(s) for s in self.chi_scales)

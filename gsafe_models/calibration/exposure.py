@@ -98,7 +98,9 @@ class ExposureScore:
         return (S - self.loc) / self.scale
 
     def _export(self, model) -> None:
-        """The trees as padded arrays (T, M): split feature, threshold, children, leaf values."""
+        """The trees as padded arrays (T, M): split feature, threshold, children, leaf values. Reads the
+        fitted model's predictor nodes (scikit-learn's own layout, pinned in pyproject.toml; a test checks
+        the arrays against `decision_function`, so a change of layout fails there, not in a hunt)."""
         nodes = [tree.nodes for trees in model._predictors for tree in trees]
         M = max(len(n) for n in nodes)
         pad = lambda field, dtype: np.stack([np.pad(np.asarray(n[field], dtype), (0, M - len(n))) for n in nodes])  # noqa: E731

@@ -291,10 +291,10 @@ def test_a_combination_learned_from_perturbations_trains_and_scores_from_the_cli
     registered, loaded back and scored over the store. (`--statistics all`, its natural partner, is
     parsed below; fitting all 33 statistics here would cost minutes and test nothing more.)"""
     from flows.cli import _statistics
-    from gsafe_models.detector import STATISTICS
+    from gsafe_models.detector import STATISTICS, DetectorConfig
     from infra.store import SurveyStore
 
-    assert _statistics("all") == STATISTICS
+    assert DetectorConfig(statistics=_statistics("all")).statistics == STATISTICS
     url = str(tmp_path / "s.zarr")
     shutil.copytree(train_store, url)
     run = _json_cli(settings)
