@@ -310,6 +310,8 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
     _guarded(SurveyStore.open, store)              # a missing store fails here, not after the server started
     r = _run(train_flow, store, model, cfg, _settings_dict(s))
     m = " ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items() if k in ("val_auroc", "calibration_ks"))
+    if r["metrics"].get("val_seen_by_combination") and "val_auroc" in r["metrics"]:
+        m += " (val_auroc is optimistic: the exposure trees learned from the val split; judge it with gsafe promote --validation)"
     _emit({"command": "train", **r}, f"train: registered {model} version {r['version']} (alias challenger) {m}".rstrip())
 
 

@@ -302,6 +302,7 @@ def test_a_combination_learned_from_perturbations_trains_and_scores_from_the_cli
     names = ("departure_density_pca", "chi_chromatic_pca", "colour", "patch_peak")
     r = run("train", "--store", url, "--model", "exp", "--epochs", "1", "--latent-dim", "8",
             "--combination", "exposure", "--statistics", ",".join(names))
+    assert r["metrics"]["val_seen_by_combination"] == 1.0 and "calibration_exposure_n" in r["metrics"]
     run("score", "--store", url, "--model", f"exp/{r['version']}", "--workers", "1", "--out", str(tmp_path / "s.csv"))
     scores = pd.read_csv(tmp_path / "s.csv")
     assert len(scores) == SurveyStore.open(url).n and scores["p_value"].between(0, 1).all()
