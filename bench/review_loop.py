@@ -25,6 +25,7 @@ or listed). `--size` and `--rounds` describe a scenario; no default is chosen he
 
     python bench/review_loop.py --tile hdf               # ~1 min on 2 cores
     python bench/review_loop.py --tile 7 --cache DIR     # 10-12 min (the tile is simulated once into DIR)
+    python bench/review_loop.py --tile 7 --cache DIR --config combination=exposure statistics=all
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def parse_args():
                    help="a simulated tile the model also hunts after each round, out of sample (the next tile of a survey)")
     p.add_argument("--cache", default=None, help="folder for the simulated tile (kept between runs)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="DetectorConfig fields set as a user sets them with gsafe train, e.g. combination=exposure statistics=all")
     args = p.parse_args()
     if args.next is not None and args.tile == "hdf":
         p.error("--next needs a simulated --tile (there is one real tile)")
@@ -108,7 +111,9 @@ def main() -> None:
         ids, truth = np.asarray(c["object_id"]).astype(str), np.asarray(c["label"]).astype(int)
         images = store.read_images()
         # the fields a user set, as `gsafe train` passes them: the review's cross-fitting applies unless one says otherwise
-        config = {"seed": args.seed} | ({"epochs": epochs} if epochs else {})
+        from quality import config_overrides
+
+        config = {"seed": args.seed} | ({"epochs": epochs} if epochs else {}) | config_overrides(args)
         if args.next is not None:
             nxt = SurveyStore.open(sim_tile(where, args.next, settings, copy=False)[0])
             next_images, next_truth = nxt.read_images(), np.asarray(nxt.read_catalog(["label"])["label"]).astype(int)

@@ -30,6 +30,16 @@ class ExposureScore:
     conformalises it on calibration objects the trees never saw, so its p-value is valid
     whatever the trees learned.
 
+    Trees cannot extrapolate: every object beyond each tree's last split in the direction of
+    "anomalous" gets the same, largest log-odds :math:`F_\max`, whether it departs by 5 or by
+    500 MADs. There (and only there) the statistic continues with the largest robust z of the
+    object's statistics, :math:`F_\max + \max(0, \max_j z_j)`, so the most extreme objects keep
+    distinct, ordered values, and those beyond every calibration object reach the small p-values
+    of the calibration's tail model, as each statistic's own extremes do under the other rules.
+    The set :math:`\{F = F_\max\}` is an upper set of the monotone trees and the term grows
+    with each statistic, so the statistic stays monotone. `saturation=False` gives the plain
+    log-odds (and is what a state saved before this term reads back as).
+
     References:
         | Deep Anomaly Detection with Outlier Exposure (Hendrycks et al., 2019)
         | https://arxiv.org/abs/1812.04606
@@ -41,6 +51,7 @@ class ExposureScore:
         max_depth: Depth of each tree.
         learning_rate: Shrinkage of each tree.
         seed: Seeds the trees' fit.
+        saturation: Orders the objects at the trees' largest log-odds by their largest robust z.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -51,7 +62,9 @@ class ExposureScore:
         True
     """
 
-    def __init__(self, max_iter: int = 100, max_depth: int = 3, learning_rate: float = 0.1, seed: int = 0) -> None:
+    def __init__(self, max_iter: int = 100, max_depth: int = 3, learning_rate: float = 0.1, seed: int = 0,
+                 saturation: bool = True) -> None:
+        self.saturation = bool(saturation)
         self.max_iter = int(max_iter)
         self.max_depth = int(max_depth)
         self.learning_rate = float(learning_rate)
@@ -110,10 +123,30 @@ class ExposureScore:
         self.leaf, self.value = pad("is_leaf", bool), pad("value", np.float64)
         self.missing_left = pad("missing_go_to_left", bool)
 
-    def statistic(self, S: np.ndarray) -> np.ndarray:
-        r"""Returns the trees' log-odds that each object is perturbed, :math:`(m,)`; larger is more
-        anomalous, and never smaller where a statistic grows. NaN where a statistic is NaN."""
+    @property
+    def log_odds_max(self) -> float:
+        """The trees' largest log-odds :math:`F_\\max` (each monotone tree's largest leaf, reached beyond
+        all of its splits)."""
+        return float(self.baseline + np.where(self.leaf, self.value, -np.inf).max(axis=1).sum())
 
+    def statistic(self, S: np.ndarray) -> np.ndarray:
+        r"""Returns the statistic, :math:`(m,)`: the trees' log-odds that each object is perturbed,
+        continued at their maximum by the largest robust z (see the class); larger is more anomalous,
+        and never smaller where a statistic grows. NaN where a statistic is NaN."""
+
+        out, X = self._log_odds(S)
+        if self.saturation:
+            top = out >= self.log_odds_max - 1e-9 * max(1.0, abs(self.log_odds_max))
+            out = np.where(top, out + np.maximum(np.max(X, axis=1), 0.0), out)
+        return out
+
+    def log_odds(self, S: np.ndarray) -> np.ndarray:
+        r"""Returns the trees' log-odds alone, :math:`(m,)` (scikit-learn's `decision_function`); NaN
+        where a statistic is NaN."""
+
+        return self._log_odds(S)[0]
+
+    def _log_odds(self, S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         S = np.asarray(S, np.float64)
         if S.ndim != 2 or S.shape[1] != self.loc.shape[0]:
             raise ValueError(f"ExposureScore.statistic: S has shape {S.shape}, expected (m, {self.loc.shape[0]})")
@@ -130,12 +163,12 @@ class ExposureScore:
             node = np.where(inner, np.where(go_left, self.left[trees, node], self.right[trees, node]), node)
         out = self.baseline + self.value[trees, node].sum(axis=1)
         out[np.isnan(S).any(axis=1)] = np.nan
-        return out
+        return out, X
 
     def state(self) -> dict:
         r"""Returns the fitted statistic as plain Python and NumPy values (picklable, no code)."""
 
-        return {"kind": "exposure", "max_iter": self.max_iter, "max_depth": self.max_depth,
+        return {"kind": "exposure", "saturation": self.saturation, "max_iter": self.max_iter, "max_depth": self.max_depth,
                 "learning_rate": self.learning_rate, "seed": self.seed, "loc": self.loc, "scale": self.scale,
                 "baseline": self.baseline, "feature": self.feature, "threshold": self.threshold, "left": self.left,
                 "right": self.right, "leaf": self.leaf, "value": self.value, "missing_left": self.missing_left,
@@ -145,7 +178,8 @@ class ExposureScore:
     def from_state(cls, state: dict) -> "ExposureScore":
         r"""Rebuilds the statistic from :meth:`state`."""
 
-        self = cls(state["max_iter"], state["max_depth"], state["learning_rate"], state["seed"])
+        self = cls(state["max_iter"], state["max_depth"], state["learning_rate"], state["seed"],
+                   saturation=bool(state.get("saturation", False)))
         for k in ("loc", "scale", "threshold", "value"):
             setattr(self, k, np.asarray(state[k], np.float64))
         for k in ("feature", "left", "right"):

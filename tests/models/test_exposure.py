@@ -50,7 +50,7 @@ def test_trees_evaluated_from_arrays_match_scikit_learns_prediction():
         model = HistGradientBoostingClassifier(max_iter=100, max_depth=3, learning_rate=0.1, class_weight="balanced",
                                                monotonic_cst=[1] * 4, early_stopping=False, random_state=3).fit(X, y)
     S_new = np.r_[normals(rng, 300), perturbed(rng, normals(rng, 100)), 50 * normals(rng, 20)]
-    np.testing.assert_allclose(score.statistic(S_new), model.decision_function((S_new - loc) / scale), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(score.log_odds(S_new), model.decision_function((S_new - loc) / scale), rtol=1e-12, atol=1e-12)
 
 
 def test_statistic_never_falls_as_a_statistic_grows():
@@ -62,6 +62,31 @@ def test_statistic_never_falls_as_a_statistic_grows():
         up = S.copy()
         up[:, j] += rng.exponential(1.0, len(S))
         assert np.all(score.statistic(up) >= score.statistic(S)), NAMES[j]
+
+
+def test_objects_beyond_every_split_keep_distinct_ordered_values():
+    """The trees give one largest log-odds to everything beyond their splits; there the statistic
+    continues with the largest robust z, so 30, 60 and 120 MADs stay apart and in order, and it stays
+    monotone. Without `saturation` (a state saved before it) the statistic is the log-odds."""
+    rng = np.random.default_rng(7)
+    S0 = normals(rng, 400)
+    score = ExposureScore().fit(S0, perturbed(rng, S0))
+    loc, scale = robust_scale(S0, axis=0)
+    far = loc + scale * np.array([[30.0], [60.0], [120.0]])
+    far[1, 2] = loc[2] + 90 * scale[2]  # the largest z of the second row is 90
+    F = score.log_odds(far)
+    np.testing.assert_allclose(F, score.log_odds_max, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(score.statistic(far), score.log_odds_max + np.array([30.0, 90.0, 120.0]), rtol=1e-9)
+    S = normals(rng, 2000)
+    assert np.all(score.log_odds(S) < score.log_odds_max)  # normal objects do not reach it
+    np.testing.assert_array_equal(score.statistic(S), score.log_odds(S))
+    up = np.r_[S, far]
+    for j in range(4):
+        more = up.copy()
+        more[:, j] += rng.exponential(50.0, len(up)) * scale[j]
+        assert np.all(score.statistic(more) >= score.statistic(up)), NAMES[j]
+    plain = ExposureScore.from_state({k: v for k, v in score.state().items() if k != "saturation"})
+    np.testing.assert_array_equal(plain.statistic(far), F)
 
 
 def test_nan_statistics_give_nan_and_non_finite_training_rows_are_left_out():
