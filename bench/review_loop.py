@@ -14,7 +14,8 @@ measures that loop as a scientist runs it, through the product's own code:
 2. the default Detector fitted on it (`tasks.train.fit_detector_task`, with only the fields a user
    set, as `gsafe train` passes them) and every object scored;
 3. `--rounds` rounds: a reviewer (the truth) looks at the `--size` highest-scoring objects not
-   labelled yet and labels them through the store's labels table (`infra.labels`): an anomaly, or a
+   labelled yet (`--look calibration`: among the last model's calibration objects only, as `gsafe
+   review --calibration` offers them) and labels them through the store's labels table (`infra.labels`): an anomaly, or a
    cutout showing planted light, `interesting`; the rest `not_interesting`; the detector is fitted
    again (the labelled departures leave every split, the calibration is cross-fitted) and the tile
    scored again.
@@ -26,6 +27,7 @@ or listed). `--size` and `--rounds` describe a scenario; no default is chosen he
     python bench/review_loop.py --tile hdf               # ~1 min on 2 cores
     python bench/review_loop.py --tile 7 --cache DIR     # 10-12 min (the tile is simulated once into DIR)
     python bench/review_loop.py --tile 7 --cache DIR --config combination=exposure statistics=all
+    python bench/review_loop.py --tile 7 --next 8 --cache DIR --look calibration --size 20 --config combination=exposure statistics=all
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def parse_args():
                    help="a simulated tile the model also hunts after each round, out of sample (the next tile of a survey)")
     p.add_argument("--cache", default=None, help="folder for the simulated tile (kept between runs)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--look", choices=("top", "calibration"), default="top",
+                   help="what the reviewer looks at each round: the tile's top ('top'), or the top of the model's own "
+                        "calibration objects ('calibration', as `gsafe review --calibration` offers them)")
     p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="DetectorConfig fields set as a user sets them with gsafe train, e.g. combination=exposure statistics=all")
     args = p.parse_args()
@@ -96,7 +101,7 @@ def main() -> None:
         from infra import labels as lab
         from infra.settings import Settings
         from infra.store import SurveyStore
-        from tasks.train import fit_detector_task
+        from tasks.train import calibration_rows, fit_detector_task
 
         if args.tile == "hdf":
             settings = Settings(home=home, progress=False, cutout_size=32, bands=("g", "r", "i"), chunk_size=256)
@@ -126,7 +131,12 @@ def main() -> None:
         for r in range(args.rounds + 1):
             if r:
                 score = np.where(reviewed, -np.inf, np.nan_to_num(out["score"], nan=-np.inf))
+                if args.look == "calibration":  # the last model's calibration objects only (gsafe review --calibration)
+                    offered = np.zeros(len(ids), bool)
+                    offered[calibration_rows(url, det.config.calibration_folds)] = True
+                    score = np.where(offered, score, -np.inf)
                 look = np.argsort(-score, kind="stable")[:args.size]
+                look = look[np.isfinite(score[look])]   # fewer left to look at than --size
                 odd = (truth[look] == 1) | ~judged[look]  # planted light in the cutout, its own or a neighbour's
                 for label, which in (("interesting", look[odd]), ("not_interesting", look[~odd])):
                     if len(which):
@@ -151,11 +161,13 @@ def main() -> None:
                              float((hit & (next_truth == 1)).sum() / max(1, next_truth.sum())), int((hit & (next_truth == 0)).sum()),
                              float((hit & (next_truth == 0)).sum() / max(1, hit.sum()))]
             print(f"round {r}: fitted in {t.seconds:.0f} s; {rows[-1][7]} anomalies and {rows[-1][8]} normal objects newly listed", flush=True)
+        where_look = "the tile" if args.look == "top" else "the model's calibration objects"
         print_table(rows, ["round", "reviewed", "anomalies reviewed", "calibration folds", "left out of the fit", "fit s",
                            "AUROC (not reviewed)", "anomalies listed", "normal listed", "FDP of the list", "anomalies found",
                            "found share"] + ([f"tile {args.next}: AUROC", "listed share", "normal listed", "FDP"]
                                              if args.next is not None else []),
-                    f"the review loop on tile {args.tile}: {args.size} objects reviewed per round, the detector fitted again "
+                    f"the review loop on tile {args.tile}: {args.size} objects reviewed per round "
+                    f"({where_look}, top first), the detector fitted again "
                     f"after each (as `gsafe train` after a review), the tile scored again; lists over the objects not yet reviewed")
         last = rows[-1]
         print(f"review_loop: tile {args.tile}, {args.rounds} rounds of {args.size}: {last[10]} of {n_anom} anomalies found "

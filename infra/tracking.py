@@ -24,7 +24,7 @@ from infra.settings import Settings
 
 __all__ = ["ModelRef", "configure", "experiment_for_store", "parse_ref", "resolve", "log_detector",
            "download_detector", "set_alias", "get_alias_version", "set_version_tags", "version_tags",
-           "run", "log_metrics", "log_artifacts", "log_run"]
+           "run", "log_metrics", "log_artifacts", "log_run", "same_store"]
 
 log = logging.getLogger("gsafe.tracking")
 DETECTOR_FILE = "detector.pt"
@@ -89,6 +89,11 @@ def _store_key(store_url: str) -> str:
         url = str(Path(url).resolve())
     stem = Path(url.rstrip("/")).name
     return f"{stem}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
+
+
+def same_store(a: str, b: str) -> bool:
+    """Whether two store URLs name the same store (local paths compared resolved)."""
+    return _store_key(a) == _store_key(b)
 
 
 def check_model_name(name: str) -> str:

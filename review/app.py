@@ -89,7 +89,8 @@ def create_app(session: ReviewSession, token: str | None = None) -> FastAPI:
                  for r, i in enumerate(shown)]
         known = [session.pool.ids[int(i)] for i in plan.known_artefacts[:200]]
         html = env.get_template("review.html.j2").render(
-            title=f"gsafe review — {session.model} on {session.store_url}", cards=cards, token=token,
+            title=f"gsafe review — {session.model} on {session.store_url}"
+                  + (" — the model's calibration objects" if session.restricted else ""), cards=cards, token=token,
             view="one" if view == "one" else "grid", shortcuts=SHORTCUTS, n_pool=len(session.pool.ids),
             n_open=len(plan.order), n_labelled=int(plan.labelled.sum()), n_known=len(plan.known_artefacts),
             known=known, n_first=int(plan.first_pass.sum()), who=session.who, start=start, page=PAGE,

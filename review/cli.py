@@ -1,4 +1,4 @@
-"""`gsafe review --store S --model REF`: the review app on 127.0.0.1, its URL printed.
+"""`gsafe review --store S --model REF [--calibration]`: the review app on 127.0.0.1, its URL printed.
 
 Import-light on purpose (typer only): `gsafe --help` must stay instant; the app, the detector and
 the store are loaded inside the command.
@@ -19,6 +19,7 @@ def review(store: str = typer.Option(..., "--store", help="survey store whose ca
            model: str = typer.Option(..., "--model", help="NAME, NAME@alias or NAME/version whose campaign (`gsafe score`) to review"),
            port: int = typer.Option(8765, "--port", help="port on 127.0.0.1 (0: any free port)"),
            pool: int = typer.Option(500, "--pool", help="candidates reviewed: the most anomalous by p-value"),
+           calibration: bool = typer.Option(False, "--calibration", help="review the model's own calibration objects (on the store it was trained on), most anomalous first: anomalies left there shorten every list, and once labelled the next gsafe train leaves them out"),
            who: Optional[str] = typer.Option(None, "--who", help="your name in the labels (default: your login)"),
            out: Path = typer.Option(Path("review_out"), "--out", help="where label exports (CSV, Parquet) go"),
            method: str = typer.Option("integrated_gradients", "--method", help="attribution of the cards: integrated_gradients, occlusion or residual"),
@@ -44,8 +45,13 @@ def review(store: str = typer.Option(..., "--store", help="survey store whose ca
         tracking.configure(s)
         ref = tracking.resolve(model)
         det = load_detector(tracking.download_detector(ref))
+        within = None
+        if calibration:
+            from tasks.review import model_calibration_rows
+
+            within = model_calibration_rows(store, ref.name, ref.version, det)
         session = ReviewSession(store, ref.name, ref.version, det, s, who or lab.default_who(), out, pool_size=pool,
-                                method=method)
+                                method=method, within=within)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -53,7 +59,9 @@ def review(store: str = typer.Option(..., "--store", help="survey store whose ca
         except OSError as e:
             raise GsafeError(f"review: port {port} on 127.0.0.1 is taken ({e}); pick another with --port, or --port 0") from e
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
-        typer.echo(f"review: {len(session.pool.ids)} candidates of {ref} on {store}")
+        typer.echo(f"review: {len(session.pool.ids)} candidates of {ref} on {store}"
+                   + (f", among its {len(within)} calibration objects (label the anomalies among them, then "
+                      f"`gsafe train --store {store}` leaves them out)" if within is not None else ""))
         typer.echo(f"review: open {url}  (Ctrl-C to stop)", err=False)
         config = uvicorn.Config(create_app(session), log_level="info" if verbose else "warning", access_log=verbose)
         uvicorn.Server(config).run(sockets=[sock])

@@ -50,14 +50,17 @@ class ReviewSession:
         out: where exports go.
         pool_size: candidates reviewed (the most anomalous by p-value).
         method: attribution method of the cards.
+        within: store rows the candidates are chosen among (None: every row), e.g. the model's own
+            calibration objects (`tasks.review.model_calibration_rows`, `gsafe review --calibration`).
     """
 
     def __init__(self, store_url: str, name: str, version: int, det, settings, who: str, out: str | Path,
-                 pool_size: int = rv.POOL, method: str = "integrated_gradients") -> None:
+                 pool_size: int = rv.POOL, method: str = "integrated_gradients", within: np.ndarray | None = None) -> None:
         self.store_url, self.name, self.version = store_url, name, int(version)
         self.det, self.settings, self.who, self.out, self.method = det, settings, who, Path(out), method
         self.store = SurveyStore.open(store_url, mode="r+")   # appends labels
-        self.pool = rv.candidate_pool(self.store, name, version, pool_size)
+        self.pool = rv.candidate_pool(self.store, name, version, pool_size, within=within)
+        self.restricted = within is not None     # the page says the pool is a subset (the calibration objects)
         latents, described = rv.pool_features(self.store, det, self.pool.rows)
         self.space = rel.FeatureSpace.fit(latents, self.pool.stats, described) if len(latents) >= 2 else None
         self.X = self.space.transform(latents, self.pool.stats, described) if self.space else np.zeros((len(latents), 1))

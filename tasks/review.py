@@ -20,7 +20,7 @@ from infra import labels as lab
 from infra.safe_output import write_table
 from infra.store import SurveyStore
 
-__all__ = ["POOL", "Pool", "candidate_pool", "pool_features", "pool_grouping", "pool_groups", "label_state", "RelevanceState",
+__all__ = ["POOL", "Pool", "candidate_pool", "model_calibration_rows", "pool_features", "pool_grouping", "pool_groups", "label_state", "RelevanceState",
            "build_relevance", "relevance_for", "apply_labels_task"]
 
 POOL = 500   # candidates reviewed, grouped and re-ranked: the most anomalous by p-value
@@ -55,18 +55,27 @@ class Pool:
 
 
 def candidate_pool(store: SurveyStore, name: str, version: int, size: int = POOL,
-                   rows: np.ndarray | None = None) -> Pool:
+                   rows: np.ndarray | None = None, within: np.ndarray | None = None) -> Pool:
     """The `size` objects of campaign `name`/`version` with the smallest p-values (ties: larger score
-    first), read chunk by chunk so memory stays one chunk plus the pool; or exactly `rows`."""
+    first), read chunk by chunk so memory stays one chunk plus the pool; or exactly `rows`. With
+    `within` (store rows), the pool is chosen among those rows only (e.g. a model's calibration
+    objects, `tasks.train.calibration_rows`)."""
     table = store.score_table(name, version)
     names = table.statistics
     want = ["score", "p_value", "q_value"] + [f"stat_{s}" for s in names] + [f"p_{s}" for s in names]
     if rows is None:
+        allowed = None
+        if within is not None:
+            allowed = np.zeros(table.n, bool)
+            w = np.asarray(within, np.int64)
+            allowed[w[(w >= 0) & (w < table.n)]] = True
         # two columns read chunk by chunk to choose the pool, then the pool's rows of the others
         best = {"score": np.zeros(0), "p_value": np.zeros(0), "row": np.zeros(0, np.int64)}
         for start in range(0, table.n, store.chunk_size):
             part = table.read(["score", "p_value"], start, start + store.chunk_size)
             part["row"] = np.arange(start, start + len(part["score"]))
+            if allowed is not None:
+                part = {k: v[allowed[part["row"]]] for k, v in part.items()}
             merged = {k: np.concatenate([best[k], part[k]]) for k in best}
             keep = np.lexsort((-np.nan_to_num(merged["score"], nan=-np.inf), np.nan_to_num(merged["p_value"], nan=np.inf)))[:size]
             best = {k: v[keep] for k, v in merged.items()}
@@ -82,6 +91,25 @@ def candidate_pool(store: SurveyStore, name: str, version: int, size: int = POOL
     p_stats = np.stack([cols[f"p_{s}"] for s in names], axis=1) if names else np.zeros((len(rows), 0))
     return Pool(rows, cat["object_id"].astype(str), cols["score"], cols["p_value"], cols["q_value"], stats, p_stats,
                 list(names), cat)
+
+
+def model_calibration_rows(store_url: str, name: str, version: int, det) -> np.ndarray:
+    """The rows of `store_url` that model `name`/`version` (loaded as `det`) was calibrated on
+    (`tasks.train.calibration_rows`), for a review of them (`gsafe review --calibration`).
+
+    Raises `UsageError` when `store_url` is not the store the version was trained on: another
+    store's rows were never in its calibration."""
+    from infra import tracking
+    from infra.errors import UsageError
+    from tasks.train import calibration_rows
+
+    trained_on = tracking.version_tags(name, version).get("gsafe.store")
+    if trained_on is None or not tracking.same_store(trained_on, store_url):
+        raise UsageError(f"review --calibration: {name}/{version} was trained on {trained_on or 'an unrecorded store'}, "
+                         f"not on {store_url}; its calibration objects are in the store it was trained on "
+                         f"(review that one, after `gsafe score --store {trained_on or 'STORE'} --model {name}/{version}`), "
+                         f"or leave out --calibration to review this store's candidates")
+    return calibration_rows(store_url, int(det.config.calibration_folds))
 
 
 def pool_features(store: SurveyStore, det, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

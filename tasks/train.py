@@ -21,7 +21,7 @@ from infra.batches import StoreBatches, split_rows
 from infra.settings import Settings
 from infra.store import SurveyStore
 
-__all__ = ["store_splits", "reviewed_departures", "training_plan", "fit_detector_task", "evaluate_task", "register_task",
+__all__ = ["store_splits", "reviewed_departures", "calibration_rows", "training_plan", "fit_detector_task", "evaluate_task", "register_task",
            "REVIEW_FOLDS", "SMALL_CALIBRATION"]
 
 #: The cross-fitted calibration folds a detector gets when review labels leave objects out of its
@@ -55,6 +55,21 @@ def reviewed_departures(store_url: str) -> np.ndarray:
     if not departed:
         return np.zeros(0, np.int64)
     return np.flatnonzero(np.isin(np.asarray(store.object_ids()).astype(str), sorted(departed)))
+
+
+def calibration_rows(store_url: str, calibration_folds: int = 0) -> np.ndarray:
+    """The store rows a detector trained on `store_url` was calibrated on, as far as the store says
+    now: its calib split, and the train split too when the calibration was cross-fitted
+    (`calibration_folds` ≥ 2, as ``Detector.config.calibration_folds``), less what review labels
+    leave out (`reviewed_departures`). Objects ingested after training that fall in those splits are
+    included: the next training calibrates on them.
+
+    Why a scientist reviews these: every anomaly left in a calibration split raises the bar every
+    test object must pass, so a few contaminants on its top can empty a list (BENCHMARKS.md,
+    "`combination="exposure"`"); `gsafe review --calibration` shows them first."""
+    split = store_splits(store_url)
+    rows = np.union1d(split["calib"], split["train"]) if calibration_folds else split["calib"]
+    return np.setdiff1d(rows, reviewed_departures(store_url))
 
 
 def training_plan(store_url: str, config: dict, small_calibration: int | None = None) -> tuple[dict, np.ndarray]:

@@ -308,6 +308,30 @@ def test_a_combination_learned_from_perturbations_trains_and_scores_from_the_cli
     assert len(scores) == SurveyStore.open(url).n and scores["p_value"].between(0, 1).all()
     assert set(names) | {f"p_{n}" for n in names} <= set(scores.columns)
 
+    # its calibration objects, the ones `gsafe train` asks a reviewer to look at: the calib and train splits here
+    # (a small store: cross-fitted), the pool the smallest p-values among them, and only on the store it was trained on
+    from flows.cli import calibration_review_size
+    from infra import tracking
+    from tasks import review as rv
+    from tasks.score import load_detector
+    from tasks.train import REVIEW_FOLDS, store_splits
+
+    n_cal = int(r["metrics"]["calibration_n"])
+    assert r["calibration_review"] == calibration_review_size(n_cal) == max(10, int(np.ceil(0.02 * n_cal)))
+    det = load_detector(tracking.download_detector(tracking.ModelRef("exp", r["version"])))
+    calib = rv.model_calibration_rows(url, "exp", r["version"], det)
+    split = store_splits(url)
+    assert det.config.calibration_folds == REVIEW_FOLDS
+    assert calib.tolist() == np.union1d(split["calib"], split["train"]).tolist() and len(calib) == n_cal
+    pool = rv.candidate_pool(SurveyStore.open(url), "exp", r["version"], r["calibration_review"], within=calib)
+    p = scores.set_index("object_id")["p_value"]
+    ids = np.asarray(SurveyStore.open(url).object_ids()).astype(str)
+    assert set(pool.rows) <= set(calib)
+    assert p.loc[pool.ids].max() <= p.loc[ids[np.setdiff1d(calib, pool.rows)]].min()
+    wrong = CliRunner().invoke(app, ["review", "--store", train_store, "--model", f"exp/{r['version']}", "--calibration",
+                                     "--port", "0", "--home", str(settings.home)])
+    assert wrong.exit_code == 2 and "was trained on" in wrong.output and "s.zarr" in wrong.output
+
 
 def test_the_statistics_help_names_the_default_statistics():
     """The CLI stays import-light (no torch for --help), so it writes the defaults out: they must not drift."""

@@ -282,5 +282,10 @@ def test_review_labels_leave_every_split_and_cross_fit_the_calibration(train_sto
     assert det.config.calibration_folds == REVIEW_FOLDS and det.diagnostics["reviewed_left_out"] == len(anomalies)
     assert det.diagnostics["calibration_crossfit_n"] == len(kept["train"])
     assert det.diagnostics["calibration_n"] == len(kept["calib"]) + len(kept["train"])
+    # the rows `gsafe review --calibration` offers: the same objects, and without cross-fitting the calib split alone
+    from tasks.train import calibration_rows
+
+    assert calibration_rows(url, det.config.calibration_folds).tolist() == np.union1d(kept["calib"], kept["train"]).tolist()
+    assert calibration_rows(url).tolist() == kept["calib"].tolist()
     params = mlflow.get_run(r["run_id"]).data.params
     assert params["calibration_folds"] == str(REVIEW_FOLDS) and params["reviewed_left_out"] == str(len(anomalies))

@@ -263,3 +263,33 @@ def test_hunt_after_labelling_lists_known_artefact_groups_apart(scored, settings
     assert len(shown) == k and not set(shown) & set(latest["object_id"])
     page = Path(g["index"]).read_text(encoding="utf-8")
     assert all(f"more like this: {m}" in page for m in more[:k] if m)
+
+
+def test_a_review_restricted_to_some_rows_offers_only_them_and_says_so(scored, settings, tmp_path):
+    """`gsafe review --calibration` builds its session on a subset of rows (the model's calibration objects):
+    the pool holds only those, most anomalous first, and the page says what it is reviewing."""
+    from fastapi.testclient import TestClient
+
+    from infra import tracking
+    from review.app import create_app
+    from review.session import ReviewSession
+    from tasks.score import load_detector
+
+    url = str(tmp_path / "subset.zarr")
+    shutil.copytree(scored["pristine"], url)
+    v = scored["version"]
+    det = load_detector(tracking.download_detector(tracking.ModelRef("tiny", v)))
+    table = SurveyStore.open(url).score_table("tiny", v)
+    p = table.read(["p_value"], 0, table.n)["p_value"]
+    rows = np.arange(0, table.n, 3)
+    pages = {}
+    for within in (rows, None):
+        session = ReviewSession(url, "tiny", v, det, settings, "tester", tmp_path / "exports", pool_size=30, within=within)
+        chosen = rows if within is not None else np.arange(table.n)
+        assert len(session.pool.rows) == 30 and set(session.pool.rows) <= set(chosen)
+        assert p[session.pool.rows].max() <= np.delete(p, np.r_[session.pool.rows, np.setdiff1d(np.arange(table.n), chosen)]).min()
+        with TestClient(create_app(session), base_url="http://127.0.0.1") as client:
+            page = client.get("/")
+        assert page.status_code == 200
+        pages[within is None] = page.text
+    assert "calibration objects" in pages[False] and "calibration objects" not in pages[True]

@@ -46,6 +46,19 @@ def test_pool_is_the_smallest_p_values_across_chunks(scored_store):
     assert again.ids.tolist() == pool.ids[::-1].tolist()
 
 
+def test_pool_within_rows_is_the_smallest_p_values_among_them_only(scored_store):
+    within = np.array([12, 0, 3, 5, 6, 9, 11, 40])          # across chunks, unordered, one row beyond the table
+    pool = rv.candidate_pool(scored_store, "m", 1, size=3, within=within)
+    inside = within[within < 13]
+    want = inside[np.argsort(scored_store.p[inside])[:3]]
+    assert pool.rows.tolist() == want.tolist()
+    assert set(pool.rows) <= set(inside)
+    everywhere = rv.candidate_pool(scored_store, "m", 1, size=3)
+    assert pool.rows.tolist() != everywhere.rows.tolist()    # the restriction changed the pool on this table
+    assert len(rv.candidate_pool(scored_store, "m", 1, size=20, within=within).rows) == len(inside)
+    assert len(rv.candidate_pool(scored_store, "m", 1, size=3, within=np.zeros(0, np.int64)).rows) == 0
+
+
 def test_label_state_takes_the_latest_label_and_groups_follow_their_representative(scored_store):
     s = scored_store
     lab.append_labels(s, lab.make_rows(["o1"], "interesting", model="m/1", relevance=2))
