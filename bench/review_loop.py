@@ -22,7 +22,9 @@ measures that loop as a scientist runs it, through the product's own code:
 
 Reported per round, on the judged objects not yet reviewed: AUROC, what the BH list at q ≤ 0.1 holds
 (anomalies, normal objects, its false-discovery proportion), and the anomalies found so far (reviewed
-or listed). `--size` and `--rounds` describe a scenario; no default is chosen here.
+or listed). With `--next`, the next tile's AUROC, its list and the list's FDP, and a validity reading:
+the share of its normal objects at p ≤ 10⁻² and ≤ 10⁻³ over nominal (1 is exact; ~1 900 normal
+objects, so 10⁻³ rests on about two). `--size` and `--rounds` describe a scenario; no default is chosen here.
 
     python bench/review_loop.py --tile hdf               # ~1 min on 2 cores
     python bench/review_loop.py --tile 7 --cache DIR     # 10-12 min (the tile is simulated once into DIR)
@@ -157,14 +159,17 @@ def main() -> None:
             if args.next is not None:
                 o = det.score(next_images)
                 hit = o["q_value"] <= 0.1
+                null = o["p_value"][next_truth == 0]   # validity: the next tile's normal objects against nominal
                 rows[-1] += [auroc(np.nan_to_num(o["score"], nan=-np.inf), next_truth),
                              float((hit & (next_truth == 1)).sum() / max(1, next_truth.sum())), int((hit & (next_truth == 0)).sum()),
-                             float((hit & (next_truth == 0)).sum() / max(1, hit.sum()))]
+                             float((hit & (next_truth == 0)).sum() / max(1, hit.sum())),
+                             float(np.mean(null <= 1e-2) / 1e-2), float(np.mean(null <= 1e-3) / 1e-3)]
             print(f"round {r}: fitted in {t.seconds:.0f} s; {rows[-1][7]} anomalies and {rows[-1][8]} normal objects newly listed", flush=True)
         where_look = "the tile" if args.look == "top" else "the model's calibration objects"
         print_table(rows, ["round", "reviewed", "anomalies reviewed", "calibration folds", "left out of the fit", "fit s",
                            "AUROC (not reviewed)", "anomalies listed", "normal listed", "FDP of the list", "anomalies found",
-                           "found share"] + ([f"tile {args.next}: AUROC", "listed share", "normal listed", "FDP"]
+                           "found share"] + ([f"tile {args.next}: AUROC", "listed share", "normal listed", "FDP",
+                                              "normal p<=1e-2 / nominal", "normal p<=1e-3 / nominal"]
                                              if args.next is not None else []),
                     f"the review loop on tile {args.tile}: {args.size} objects reviewed per round "
                     f"({where_look}, top first), the detector fitted again "

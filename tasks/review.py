@@ -64,18 +64,18 @@ def candidate_pool(store: SurveyStore, name: str, version: int, size: int = POOL
     names = table.statistics
     want = ["score", "p_value", "q_value"] + [f"stat_{s}" for s in names] + [f"p_{s}" for s in names]
     if rows is None:
-        allowed = None
-        if within is not None:
-            allowed = np.zeros(table.n, bool)
-            w = np.asarray(within, np.int64)
-            allowed[w[(w >= 0) & (w < table.n)]] = True
+        w = None if within is None else np.unique(np.asarray(within, np.int64))   # sorted: each chunk's share by bisection
         # two columns read chunk by chunk to choose the pool, then the pool's rows of the others
         best = {"score": np.zeros(0), "p_value": np.zeros(0), "row": np.zeros(0, np.int64)}
         for start in range(0, table.n, store.chunk_size):
-            part = table.read(["score", "p_value"], start, start + store.chunk_size)
+            stop = min(start + store.chunk_size, table.n)
+            mine = None if w is None else w[np.searchsorted(w, start):np.searchsorted(w, stop)] - start
+            if mine is not None and not len(mine):
+                continue                      # no row of this chunk is wanted: not read
+            part = table.read(["score", "p_value"], start, stop)
             part["row"] = np.arange(start, start + len(part["score"]))
-            if allowed is not None:
-                part = {k: v[allowed[part["row"]]] for k, v in part.items()}
+            if mine is not None:
+                part = {k: v[mine] for k, v in part.items()}
             merged = {k: np.concatenate([best[k], part[k]]) for k in best}
             keep = np.lexsort((-np.nan_to_num(merged["score"], nan=-np.inf), np.nan_to_num(merged["p_value"], nan=np.inf)))[:size]
             best = {k: v[keep] for k, v in merged.items()}

@@ -57,6 +57,8 @@ def test_pool_within_rows_is_the_smallest_p_values_among_them_only(scored_store)
     assert pool.rows.tolist() != everywhere.rows.tolist()    # the restriction changed the pool on this table
     assert len(rv.candidate_pool(scored_store, "m", 1, size=20, within=within).rows) == len(inside)
     assert len(rv.candidate_pool(scored_store, "m", 1, size=3, within=np.zeros(0, np.int64)).rows) == 0
+    sparse = np.array([12, 1, 9])                              # chunk 1 (rows 4-7) holds none of them
+    assert sorted(rv.candidate_pool(scored_store, "m", 1, size=5, within=sparse).rows) == [1, 9, 12]
 
 
 def test_label_state_takes_the_latest_label_and_groups_follow_their_representative(scored_store):
