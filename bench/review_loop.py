@@ -14,7 +14,7 @@ measures that loop as a scientist runs it, through the product's own code:
 2. the default Detector fitted on it (`tasks.train.fit_detector_task`, with only the fields a user
    set, as `gsafe train` passes them) and every object scored;
 3. `--rounds` rounds: a reviewer (the truth) looks at the `--size` highest-scoring objects not
-   labelled yet (`--look calibration`: among the last model's calibration objects only, as `gsafe
+   labelled yet (`--look calibration`: among the objects the next model calibrates on only, as `gsafe
    review --calibration` offers them) and labels them through the store's labels table (`infra.labels`): an anomaly, or a
    cutout showing planted light, `interesting`; the rest `not_interesting`; the detector is fitted
    again (the labelled departures leave every split, the calibration is cross-fitted) and the tile
@@ -93,6 +93,20 @@ def sim_tile(where: Path, seed: int, settings, copy: bool = True) -> tuple[str, 
     return str(url), np.ones(SurveyStore.open(str(url)).n, bool), 10
 
 
+def review(store, ids: np.ndarray, score: np.ndarray, odd: np.ndarray, size: int, model: str, known: set) -> np.ndarray:
+    """A reviewer (the truth) looks at the `size` highest finite `score`s and labels them through the store's
+    labels table (`infra.labels`): `odd` objects (an anomaly, or planted light in the cutout) `interesting`,
+    the rest `not_interesting`. Returns the rows looked at (fewer where fewer scores are finite)."""
+    from infra import labels as lab
+
+    look = np.argsort(-score, kind="stable")[:size]
+    look = look[np.isfinite(score[look])]
+    for label, which in (("interesting", look[odd[look]]), ("not_interesting", look[~odd[look]])):
+        if len(which):
+            lab.append_labels(store, lab.make_rows(ids[which].tolist(), label, model=model, who="bench"), known_ids=known)
+    return look
+
+
 def main() -> None:
     args = parse_args()
     threads = set_threads(args.threads)
@@ -100,10 +114,9 @@ def main() -> None:
     with bench_home("review") as home:
         from gsafe_models.detector import Detector
         from gsafe_models.metrics import auroc
-        from infra import labels as lab
         from infra.settings import Settings
         from infra.store import SurveyStore
-        from tasks.train import calibration_rows, fit_detector_task
+        from tasks.train import fit_detector_task, review_calibration_rows
 
         if args.tile == "hdf":
             settings = Settings(home=home, progress=False, cutout_size=32, bands=("g", "r", "i"), chunk_size=256)
@@ -133,17 +146,11 @@ def main() -> None:
         for r in range(args.rounds + 1):
             if r:
                 score = np.where(reviewed, -np.inf, np.nan_to_num(out["score"], nan=-np.inf))
-                if args.look == "calibration":  # the last model's calibration objects only (gsafe review --calibration)
+                if args.look == "calibration":  # the next model's calibration objects only (gsafe review --calibration)
                     offered = np.zeros(len(ids), bool)
-                    offered[calibration_rows(url, det.config.calibration_folds)] = True
+                    offered[review_calibration_rows(url, det.config)] = True
                     score = np.where(offered, score, -np.inf)
-                look = np.argsort(-score, kind="stable")[:args.size]
-                look = look[np.isfinite(score[look])]   # fewer left to look at than --size
-                odd = (truth[look] == 1) | ~judged[look]  # planted light in the cutout, its own or a neighbour's
-                for label, which in (("interesting", look[odd]), ("not_interesting", look[~odd])):
-                    if len(which):
-                        lab.append_labels(store, lab.make_rows(ids[which].tolist(), label, model=f"review_loop/round{r}",
-                                                               who="bench"), known_ids=known)
+                look = review(store, ids, score, (truth == 1) | ~judged, args.size, f"review_loop/round{r}", known)
                 reviewed[look] = True
             with Timer() as t:
                 det = Detector.from_bytes(fit_detector_task.fn(url, config, settings.model_dump(mode="json")))

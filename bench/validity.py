@@ -30,6 +30,16 @@ store gets a cross-fitted calibration, `tasks.train.training_plan`), so a change
     python bench/validity.py --cache DIR --seeds              # tiles only
     python bench/validity.py --cache DIR --tiles --seeds 50 51 52 53 54 55 56 57 --train 400 --test 400   # small surveys
 
+**Reviewed models** (`--review SIZE`): a one-tile hunt lists little until a scientist reviews it
+(`bench/review_loop.py`); then `gsafe train` leaves the labelled departures out and cross-fits the calibration.
+With `--review`, each tile model and each held-out seed's model is also fitted again after one review round
+of its training store: the truth labels the SIZE objects a scientist looks at (`--look top`: the store's top;
+`calibration`: the top of the model's own calibration objects, as `gsafe review --calibration` offers them),
+on a copy outside the cache; the reviewed model is checked as above, and the normal p-values and lists are
+pooled, unreviewed and reviewed apart.
+
+    python bench/validity.py --cache DIR --seeds --review 50                  # tiles 7-10, ~35 min the first time
+
 **Small surveys** (`--train`, `--test`): the held-out seeds at another size. The FDR is an expectation over
 calibration draws, so with several seeds the mean FDP of their lists is printed with its standard error, and
 their normal objects are pooled.
@@ -48,6 +58,7 @@ import numpy as np
 from _common import Timer, bench_home, machine_line, print_table, set_threads
 
 LEVELS = (1e-2, 1e-3, 1e-4)
+REVIEWED = "reviewed"  # the label of a tile model fitted again after a review round (--review)
 ALPHA = 0.1  # the BH level of a list
 
 
@@ -80,9 +91,37 @@ def fitted(where: Path, name: str, url: str, config: dict, settings, what: str):
     return Detector.from_bytes(path.read_bytes())
 
 
-def check(det, label, scored: dict, truth: dict, rows: list, fdp_rows: list, worst: dict) -> None:
+def reviewed_copy(home: Path, name: str, tile: tuple, det, size: int, look: str) -> str:
+    """A copy of a training store (`tile`: its images, truth and url; the copy outside the cache, as `name`)
+    with one review round's labels: the truth labels the `size` objects a scientist would look at after
+    `det`'s hunt of the store (`look`: its top, or the top of `det`'s calibration objects), as
+    `bench/review_loop.py` does. Returns the copy's url."""
+    import shutil
+
+    from infra.store import SurveyStore
+    from review_loop import review
+    from tasks.train import review_calibration_rows
+
+    images, truth, url = tile
+    copy = home / f"{name}_reviewed.zarr"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(url, copy)
+    store = SurveyStore.open(str(copy), mode="r+")
+    ids = np.asarray(store.read_catalog(["object_id"])["object_id"]).astype(str)
+    score = np.nan_to_num(det.score(images)["score"], nan=-np.inf)
+    if look == "calibration":
+        offered = np.zeros(len(ids), bool)
+        offered[review_calibration_rows(str(copy), det.config)] = True
+        score = np.where(offered, score, -np.inf)
+    look_at = review(store, ids, score, truth == 1, size, f"validity/{look}", set(ids.tolist()))
+    print(f"{name}: reviewed {len(look_at)} objects ({look}), {int((truth[look_at] == 1).sum())} anomalies among them", flush=True)
+    return str(copy)
+
+
+def check(det, label, scored: dict, truth: dict, rows: list, fdp_rows: list, worst: dict, pool: dict | None = None) -> None:
     """Rows of the validity table (each statistic's and the combined p-value on the normal objects of
-    the `scored` surveys) and of the list table (each survey's BH list), for one model."""
+    the `scored` surveys) and of the list table (each survey's BH list), for one model; each p-value's
+    normal values are added to `pool` (key: the statistic, or "combined")."""
     from scipy import stats
 
     normal = {t: truth[t] == 0 for t in scored}
@@ -90,6 +129,8 @@ def check(det, label, scored: dict, truth: dict, rows: list, fdp_rows: list, wor
     for name in [*det.statistic_names, None]:
         key = f"p_{name}" if name else "p_value"
         p = np.concatenate([scored[t][key][normal[t]] for t in scored])
+        if pool is not None:
+            pool.setdefault(name or "combined", []).append(p)
         share = [float(np.mean(p <= a)) for a in LEVELS]
         bound = [float(stats.binom.ppf(0.99, n, a) / n) for a in LEVELS]
         for a, s in zip(LEVELS, share):
@@ -98,10 +139,33 @@ def check(det, label, scored: dict, truth: dict, rows: list, fdp_rows: list, wor
         cal = det._test.calibrators[det._test.names.index(name)] if name else None
         rows.append([label, name or f"combined ({det.config.combination})", trimmed, "" if cal is None else cal.shape, n]
                     + [f"{s:.4f}{' !' if s > b else ''}" for s, b in zip(share, bound)])
+    from gsafe_models.metrics import auroc
+
     for t in scored:
         hit, y = scored[t]["q_value"] <= ALPHA, truth[t]
         fdp_rows.append([label, t, int(hit.sum()), int((hit & (y == 0)).sum()),
-                         float((hit & (y == 0)).sum() / max(1, hit.sum())), float((hit & (y == 1)).sum() / max(1, y.sum()))])
+                         float((hit & (y == 0)).sum() / max(1, hit.sum())), float((hit & (y == 1)).sum() / max(1, y.sum())),
+                         auroc(np.nan_to_num(scored[t]["score"], nan=-np.inf), y)])
+
+
+def pooled_rows(label: str, pool: dict, rows: list) -> None:
+    """Rows of the validity table for p-values pooled over several models (`check`'s `pool`)."""
+    from scipy import stats
+
+    for name, ps in pool.items():
+        p = np.concatenate(ps)
+        rows.append([label, name, "", "", len(p)] + [f"{np.mean(p <= a):.4f}{' !' if np.mean(p <= a) > stats.binom.ppf(0.99, len(p), a) / len(p) else ''}"
+                                                    for a in LEVELS])
+
+
+def mean_fdp(fdp_rows: list, which, what: str) -> None:
+    """The mean FDP of the lists whose model label satisfies `which`, with its standard error: the FDR is an expectation."""
+    sel = [r for r in fdp_rows if which(str(r[0]))]
+    if len(sel) > 1:
+        fdp = [r[4] for r in sel]
+        print(f"{what}: mean FDP of {len(sel)} lists at q ≤ {ALPHA} {np.mean(fdp):.3f} ± {np.std(fdp, ddof=1) / np.sqrt(len(fdp)):.3f} "
+              f"(s.e.); mean share of the anomalies listed {np.mean([r[5] for r in sel]):.3f}; "
+              f"{sum(r[3] for r in sel)} normal objects among {sum(r[2] for r in sel)} listed")
 
 
 def parse_args():
@@ -115,6 +179,12 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0, help="the detectors' seed")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE", help="DetectorConfig fields to set")
+    p.add_argument("--review", type=int, default=0, metavar="SIZE",
+                   help="also check each tile model after one review round: a reviewer (the truth) labels SIZE objects "
+                        "of its tile and the detector is fitted again, as `gsafe train` fits it after a review")
+    p.add_argument("--look", choices=("top", "calibration"), default="top",
+                   help="what the reviewer of --review looks at: the tile's top, or the top of the model's calibration "
+                        "objects (`gsafe review --calibration`)")
     args = p.parse_args()
     if len(set(args.tiles)) == 1:
         p.error("--tiles: none, or at least two tiles (a model is checked on the others)")
@@ -143,6 +213,7 @@ def main() -> None:
         # held-out seeds: a default model on its own fresh test survey
         seed_config = {"seed": args.seed} | config_overrides(args)
         pooled: dict[str, list] = {}  # the held-out seeds' normal objects' p-values, pooled over seeds
+        reviewed_seeds: dict[str, list] = {}  # the same, of the reviewed seed models (--review)
         for s in args.seeds:
             train_url, test_url = simulate(where, settings, argparse.Namespace(train=args.train, test=args.test,
                                                                                train_anomalies=0.01, test_anomalies=0.15), s)
@@ -150,16 +221,24 @@ def main() -> None:
             det = fitted(where, f"validity_seed{s}{size}", train_url, seed_config, settings, f"seed {s}")
             test = SurveyStore.open(test_url)
             y = np.asarray(test.read_catalog(["label"])["label"]).astype(int)
-            scored = det.score(test.read_images(), variance=test.read_variance())
+            test_images, test_variance = test.read_images(), test.read_variance()
+            scored = det.score(test_images, variance=test_variance)
             check(det, f"seed {s}", {f"seed {s} (test)": scored}, {f"seed {s} (test)": y}, rows, fdp_rows, worst)
             for key in [f"p_{n}" for n in det.statistic_names] + ["p_value"]:
                 pooled.setdefault(key, []).append(scored[key][y == 0])
+            if args.review:  # the training survey reviewed once, the detector fitted again, the test survey hunted
+                train = SurveyStore.open(train_url)
+                url = reviewed_copy(home, f"seed{s}{size}", (train.read_images(), np.asarray(
+                    train.read_catalog(["label"])["label"]).astype(int), train_url), det, args.review, args.look)
+                det = fitted(where, f"validity_seed{s}{size}_review{args.review}{args.look}", url, seed_config, settings,
+                             f"seed {s}, reviewed")
+                check(det, f"seed {s} {REVIEWED}", {f"seed {s} (test)": det.score(test_images, variance=test_variance)},
+                      {f"seed {s} (test)": y}, rows, fdp_rows, worst, reviewed_seeds)
         if len(args.seeds) > 1:
-            for key, ps in pooled.items():
-                p = np.concatenate(ps)
-                rows.append([f"{len(args.seeds)} seeds pooled", key.removeprefix("p_") if key != "p_value" else "combined", "", "",
-                             len(p)] + [f"{np.mean(p <= a):.4f}{' !' if np.mean(p <= a) > stats.binom.ppf(0.99, len(p), a) / len(p) else ''}"
-                                        for a in LEVELS])
+            pooled_rows(f"{len(args.seeds)} seeds pooled",
+                        {k.removeprefix("p_") if k != "p_value" else "combined": v for k, v in pooled.items()}, rows)
+            if args.review:
+                pooled_rows(f"{len(args.seeds)} reviewed seeds pooled", reviewed_seeds, rows)
 
         # tiles: a single-tile model on the other tiles
         tile_config = {"seed": args.seed, "epochs": 10} | config_overrides(args)
@@ -167,25 +246,36 @@ def main() -> None:
         for t in args.tiles:
             store = SurveyStore.open(simulate_tile(where, settings, argparse.Namespace(train=2000, train_anomalies=0.05), t))
             tiles[t] = (store.read_images(), np.asarray(store.read_catalog(["label"])["label"]).astype(int), store.url)
+        plain, reviewed = {}, {}  # the tile models' normal p-values, pooled over models
         for m in args.tiles:
             det = fitted(where, f"validity_det{m}", tiles[m][2], tile_config, settings, f"tile {m}")
             others = [t for t in args.tiles if t != m]
             check(det, f"tile {m}", {f"tile {t}": det.score(tiles[t][0]) for t in others},
-                  {f"tile {t}": tiles[t][1] for t in others}, rows, fdp_rows, worst)
+                  {f"tile {t}": tiles[t][1] for t in others}, rows, fdp_rows, worst, plain)
+            if args.review:
+                url = reviewed_copy(home, f"tile{m}", tiles[m], det, args.review, args.look)
+                det = fitted(where, f"validity_det{m}_review{args.review}{args.look}", url, tile_config, settings,
+                             f"tile {m}, reviewed")
+                check(det, f"tile {m} {REVIEWED}", {f"tile {t}": det.score(tiles[t][0]) for t in others},
+                      {f"tile {t}": tiles[t][1] for t in others}, rows, fdp_rows, worst, reviewed)
+        if len(args.tiles) > 1 and args.review:
+            pooled_rows(f"{len(args.tiles)} tile models pooled", plain, rows)
+            pooled_rows(f"{len(args.tiles)} reviewed tile models pooled", reviewed, rows)
         print_table(rows, ["model", "p-value of", "trimmed", "tail shape", "normal objects"]
                     + [f"P(p ≤ {a:g})" for a in LEVELS],
                     "fresh normal objects under each model (a seed's on its own test survey, a tile's on the other tiles; "
                     "'!': above the binomial 99 % bound of a valid p-value at that row's n, e.g. "
                     + ", ".join(f"{a:g}: ≤ {stats.binom.ppf(0.99, 5700, a) / 5700:.4f}" for a in LEVELS) + " at n = 5 700)")
-        print_table(fdp_rows, ["model", "hunted survey", f"listed at q ≤ {ALPHA}", "normal listed", "FDP", "anomalies listed"],
+        print_table(fdp_rows, ["model", "hunted survey", f"listed at q ≤ {ALPHA}", "normal listed", "FDP", "anomalies listed", "AUROC"],
                     "each survey hunted with the model: its BH list")
-        seed_fdp = [r[4] for r in fdp_rows if str(r[0]).startswith("seed ")]
-        if len(seed_fdp) > 1:  # the FDR is an expectation: the mean FDP over the held-out seeds' lists, with its standard error
-            print(f"held-out seeds ({args.train} + {args.test} cutouts): mean FDP of {len(seed_fdp)} lists at q ≤ {ALPHA} "
-                  f"{np.mean(seed_fdp):.3f} ± {np.std(seed_fdp, ddof=1) / np.sqrt(len(seed_fdp)):.3f} (s.e.); mean share of "
-                  f"the anomalies listed {np.mean([r[5] for r in fdp_rows if str(r[0]).startswith('seed ')]):.3f}")
+        # the FDR is an expectation: the mean FDP over lists, with its standard error
+        mean_fdp(fdp_rows, lambda m: m.startswith("seed ") and REVIEWED not in m, f"held-out seeds ({args.train} + {args.test} cutouts)")
+        mean_fdp(fdp_rows, lambda m: m.startswith("seed ") and REVIEWED in m, f"held-out seeds, {REVIEWED}")
+        mean_fdp(fdp_rows, lambda m: m.startswith("tile ") and REVIEWED not in m, "tile models on the other tiles")
+        mean_fdp(fdp_rows, lambda m: m.startswith("tile ") and REVIEWED in m, f"tile models {REVIEWED}, on the other tiles")
         what = " and ".join(x for x in (f"{len(args.seeds)} held-out seed models" if args.seeds else "",
-                                         f"{len(args.tiles)} tile models" if args.tiles else "") if x)
+                                         f"{len(args.tiles)} tile models" if args.tiles else "",
+                                         f"the same reviewed ({args.look}, {args.review})" if args.review else "") if x)
         print(f"validity: worst share of fresh normal objects over nominal across {what}: "
               + ", ".join(f"P(p ≤ {a:g}) {worst[a]:.1f}×" for a in LEVELS)
               + f"; worst FDP of a list {max(r[4] for r in fdp_rows):.2f}")

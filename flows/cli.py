@@ -313,11 +313,15 @@ def train(store: str = typer.Option(..., "--store", help="survey store to learn 
     if r["metrics"].get("val_seen_by_combination") and "val_auroc" in r["metrics"]:
         m += " (val_auroc is optimistic: the exposure trees learned from the val split; judge it with gsafe promote --validation)"
     n_cal = int(r["metrics"].get("calibration_n", 0))
-    look = calibration_review_size(n_cal)
+    pool = int(r.get("review_pool", n_cal))
+    look = calibration_review_size(pool)
     line = f"train: registered {model} version {r['version']} (alias challenger) {m}".rstrip()
     hint = ()
     if look:  # what limits the next list, and the few looks that lift it
-        hint = (f"train: {n_cal} calibration objects; anomalies among their top shorten every list. Review them "
+        objects = (f"{n_cal} calibration objects" if pool == n_cal else
+                   f"{n_cal} calibration objects now, {pool} once a review has labelled a departure (the next training "
+                   f"cross-fits its calibration over the training objects)")
+        hint = (f"train: {objects}; anomalies among their top shorten every list. Review them "
                 f"(~{look} looks): gsafe score --store {store} --model {model}/{r['version']}, then gsafe review --store "
                 f"{store} --model {model}/{r['version']} --calibration --pool {look}, then train again",)
     _emit({"command": "train", **r, "calibration_review": look}, line, *hint)

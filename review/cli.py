@@ -19,7 +19,7 @@ def review(store: str = typer.Option(..., "--store", help="survey store whose ca
            model: str = typer.Option(..., "--model", help="NAME, NAME@alias or NAME/version whose campaign (`gsafe score`) to review"),
            port: int = typer.Option(8765, "--port", help="port on 127.0.0.1 (0: any free port)"),
            pool: int = typer.Option(500, "--pool", help="candidates reviewed: the most anomalous by p-value"),
-           calibration: bool = typer.Option(False, "--calibration", help="review the model's own calibration objects (on the store it was trained on), most anomalous first: anomalies left there shorten every list, and once labelled the next gsafe train leaves them out"),
+           calibration: bool = typer.Option(False, "--calibration", help="review the objects the next gsafe train calibrates on (the model's calibration objects, and the training objects where the next training cross-fits; on the store it was trained on), most anomalous first: anomalies left there shorten every list, and once labelled the next gsafe train leaves them out"),
            who: Optional[str] = typer.Option(None, "--who", help="your name in the labels (default: your login)"),
            out: Path = typer.Option(Path("review_out"), "--out", help="where label exports (CSV, Parquet) go"),
            method: str = typer.Option("integrated_gradients", "--method", help="attribution of the cards: integrated_gradients, occlusion or residual"),
@@ -60,7 +60,7 @@ def review(store: str = typer.Option(..., "--store", help="survey store whose ca
             raise GsafeError(f"review: port {port} on 127.0.0.1 is taken ({e}); pick another with --port, or --port 0") from e
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
         typer.echo(f"review: {len(session.pool.ids)} candidates of {ref} on {store}"
-                   + (f", among its {len(within)} calibration objects (label the anomalies among them, then "
+                   + (f", among the {len(within)} calibration objects of its next training (label the anomalies among them, then "
                       f"`gsafe train --store {store}` leaves them out)" if within is not None else ""))
         typer.echo(f"review: open {url}  (Ctrl-C to stop)", err=False)
         config = uvicorn.Config(create_app(session), log_level="info" if verbose else "warning", access_log=verbose)

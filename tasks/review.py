@@ -94,14 +94,16 @@ def candidate_pool(store: SurveyStore, name: str, version: int, size: int = POOL
 
 
 def model_calibration_rows(store_url: str, name: str, version: int, det) -> np.ndarray:
-    """The rows of `store_url` that model `name`/`version` (loaded as `det`) was calibrated on
-    (`tasks.train.calibration_rows`), for a review of them (`gsafe review --calibration`).
+    """The rows of `store_url` that the successor of model `name`/`version` (loaded as `det`) is
+    calibrated on once a review has labelled a departure (`tasks.train.review_calibration_rows`: its
+    own calibration objects, and the train split too where the next training cross-fits), for a
+    review of them (`gsafe review --calibration`).
 
     Raises `UsageError` when `store_url` is not the store the version was trained on: another
     store's rows were never in its calibration."""
     from infra import tracking
     from infra.errors import UsageError
-    from tasks.train import calibration_rows
+    from tasks.train import review_calibration_rows
 
     trained_on = tracking.version_tags(name, version).get("gsafe.store")
     if trained_on is None or not tracking.same_store(trained_on, store_url):
@@ -109,7 +111,7 @@ def model_calibration_rows(store_url: str, name: str, version: int, det) -> np.n
                          f"not on {store_url}; its calibration objects are in the store it was trained on "
                          f"(review that one, after `gsafe score --store {trained_on or 'STORE'} --model {name}/{version}`), "
                          f"or leave out --calibration to review this store's candidates")
-    return calibration_rows(store_url, int(det.config.calibration_folds))
+    return review_calibration_rows(store_url, det.config)
 
 
 def pool_features(store: SurveyStore, det, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

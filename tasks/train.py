@@ -72,6 +72,30 @@ def calibration_rows(store_url: str, calibration_folds: int = 0) -> np.ndarray:
     return np.setdiff1d(rows, reviewed_departures(store_url))
 
 
+def review_folds(config: dict) -> int:
+    """The calibration folds `gsafe train` with `config` (the fields a user sets) plans once a review
+    has labelled a departure (`training_plan`): the config's own where it sets them, else
+    `REVIEW_FOLDS` where its statistics' models can be cross-fitted (no `fit_trim`, no statistic that
+    reads the representation), else 0."""
+    from gsafe_models.registry import reads_representation
+
+    cfg = DetectorConfig(**config)
+    if "calibration_folds" in config:
+        return cfg.calibration_folds
+    return REVIEW_FOLDS if cfg.fit_trim == 0 and not reads_representation(cfg.statistics) else 0
+
+
+def review_calibration_rows(store_url: str, config: DetectorConfig) -> np.ndarray:
+    """The rows `gsafe review --calibration` offers for a model fitted with `config`: the objects the
+    next `gsafe train` calibrates on once the review has labelled a departure (`calibration_rows`).
+    A model that is not cross-fitted but can be (`review_folds`) is calibrated on its calib split, yet
+    its successor on the calib and train splits: a review of the calib split alone leaves the train
+    split's anomalies in the next calibration (on a simulated tile, one round of 50 such looks left
+    every next-tile list empty; BENCHMARKS.md, "Reviewed models on the next tile")."""
+    folds = config.calibration_folds or review_folds({"statistics": tuple(config.statistics), "fit_trim": config.fit_trim})
+    return calibration_rows(store_url, folds)
+
+
 def training_plan(store_url: str, config: dict, small_calibration: int | None = None) -> tuple[dict, np.ndarray]:
     """The config a Detector is fitted with on this store, and the rows it leaves out.
 
@@ -95,8 +119,7 @@ def training_plan(store_url: str, config: dict, small_calibration: int | None = 
     n_calib = len(np.setdiff1d(store_splits(store_url)["calib"], leave_out))
     limit = SMALL_CALIBRATION if small_calibration is None else small_calibration
     small = n_calib < limit
-    if (len(leave_out) or small) and "calibration_folds" not in config and cfg.fit_trim == 0 \
-            and not reads_representation(cfg.statistics):
+    if (len(leave_out) or small) and "calibration_folds" not in config and review_folds(config):
         config["calibration_folds"] = REVIEW_FOLDS
     if small and not config.get("calibration_folds"):
         rep = reads_representation(cfg.statistics)

@@ -318,6 +318,7 @@ def test_a_combination_learned_from_perturbations_trains_and_scores_from_the_cli
 
     n_cal = int(r["metrics"]["calibration_n"])
     assert r["calibration_review"] == calibration_review_size(n_cal) == max(10, int(np.ceil(0.02 * n_cal)))
+    assert r["review_pool"] == n_cal  # cross-fitted already: the next training calibrates on the same objects
     det = load_detector(tracking.download_detector(tracking.ModelRef("exp", r["version"])))
     calib = rv.model_calibration_rows(url, "exp", r["version"], det)
     split = store_splits(url)

@@ -287,5 +287,19 @@ def test_review_labels_leave_every_split_and_cross_fit_the_calibration(train_sto
 
     assert calibration_rows(url, det.config.calibration_folds).tolist() == np.union1d(kept["calib"], kept["train"]).tolist()
     assert calibration_rows(url).tolist() == kept["calib"].tolist()
+    assert r["review_pool"] == det.diagnostics["calibration_n"]  # what `gsafe train` tells a reviewer to look among
+    # what `gsafe review --calibration` offers: the objects the next training calibrates on once a departure is
+    # labelled, so for a model not cross-fitted whose successor will be (the defaults) the train split too
+    from gsafe_models.detector import DetectorConfig
+    from tasks.train import review_calibration_rows, review_folds
+
+    assert review_folds({}) == REVIEW_FOLDS and review_folds({"calibration_folds": 0}) == 0
+    assert review_folds({"calibration_folds": 5}) == 5 and review_folds({"fit_trim": 0.05}) == 0
+    assert review_folds({"statistics": ("chi_density_pca", "G")}) == 0  # G reads the representation: no cross-fit
+    both = np.union1d(kept["calib"], kept["train"]).tolist()
+    assert review_calibration_rows(url, det.config).tolist() == both
+    assert review_calibration_rows(url, DetectorConfig()).tolist() == both
+    assert review_calibration_rows(url, DetectorConfig(statistics=("chi_density_pca", "G"))).tolist() == kept["calib"].tolist()
+    assert review_calibration_rows(url, DetectorConfig(fit_trim=0.05)).tolist() == kept["calib"].tolist()
     params = mlflow.get_run(r["run_id"]).data.params
     assert params["calibration_folds"] == str(REVIEW_FOLDS) and params["reviewed_left_out"] == str(len(anomalies))
