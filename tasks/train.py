@@ -91,7 +91,9 @@ def review_calibration_rows(store_url: str, config: DetectorConfig) -> np.ndarra
     A model that is not cross-fitted but can be (`review_folds`) is calibrated on its calib split, yet
     its successor on the calib and train splits: a review of the calib split alone leaves the train
     split's anomalies in the next calibration (on a simulated tile, one round of 50 such looks left
-    every next-tile list empty; BENCHMARKS.md, "Reviewed models on the next tile")."""
+    every next-tile list empty; BENCHMARKS.md, "Reviewed models on the next tile"). A model does not
+    record which fields its user set, so one trained with `calibration_folds=0` asked is offered the
+    train split too: harmless looks if the next training asks for 0 again."""
     folds = config.calibration_folds or review_folds({"statistics": tuple(config.statistics), "fit_trim": config.fit_trim})
     return calibration_rows(store_url, folds)
 
