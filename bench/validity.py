@@ -58,7 +58,7 @@ import numpy as np
 from _common import Timer, bench_home, machine_line, print_table, set_threads
 
 LEVELS = (1e-2, 1e-3, 1e-4)
-REVIEWED = "reviewed"  # the label of a tile model fitted again after a review round (--review)
+REVIEWED = "reviewed"  # the label of a tile or seed model fitted again after a review round (--review)
 ALPHA = 0.1  # the BH level of a list
 
 
@@ -118,12 +118,17 @@ def reviewed_copy(home: Path, name: str, tile: tuple, det, size: int, look: str)
     return str(copy)
 
 
+def shares(p: np.ndarray) -> list[str]:
+    """The share of `p` at or under each level, marked '!' above the binomial 99 % bound of a valid p-value."""
+    from scipy import stats
+
+    return [f"{np.mean(p <= a):.4f}{' !' if np.mean(p <= a) > stats.binom.ppf(0.99, len(p), a) / len(p) else ''}" for a in LEVELS]
+
+
 def check(det, label, scored: dict, truth: dict, rows: list, fdp_rows: list, worst: dict, pool: dict | None = None) -> None:
     """Rows of the validity table (each statistic's and the combined p-value on the normal objects of
     the `scored` surveys) and of the list table (each survey's BH list), for one model; each p-value's
     normal values are added to `pool` (key: the statistic, or "combined")."""
-    from scipy import stats
-
     normal = {t: truth[t] == 0 for t in scored}
     n = int(sum(v.sum() for v in normal.values()))
     for name in [*det.statistic_names, None]:
@@ -131,14 +136,12 @@ def check(det, label, scored: dict, truth: dict, rows: list, fdp_rows: list, wor
         p = np.concatenate([scored[t][key][normal[t]] for t in scored])
         if pool is not None:
             pool.setdefault(name or "combined", []).append(p)
-        share = [float(np.mean(p <= a)) for a in LEVELS]
-        bound = [float(stats.binom.ppf(0.99, n, a) / n) for a in LEVELS]
-        for a, s in zip(LEVELS, share):
-            worst[a] = max(worst[a], s / a)
+        for a in LEVELS:
+            worst[a] = max(worst[a], float(np.mean(p <= a)) / a)
         trimmed = det.diagnostics.get(f"calibration_trimmed_{name}", "") if name else ""
         cal = det._test.calibrators[det._test.names.index(name)] if name else None
         rows.append([label, name or f"combined ({det.config.combination})", trimmed, "" if cal is None else cal.shape, n]
-                    + [f"{s:.4f}{' !' if s > b else ''}" for s, b in zip(share, bound)])
+                    + shares(p))
     from gsafe_models.metrics import auroc
 
     for t in scored:
@@ -150,12 +153,9 @@ def check(det, label, scored: dict, truth: dict, rows: list, fdp_rows: list, wor
 
 def pooled_rows(label: str, pool: dict, rows: list) -> None:
     """Rows of the validity table for p-values pooled over several models (`check`'s `pool`)."""
-    from scipy import stats
-
     for name, ps in pool.items():
         p = np.concatenate(ps)
-        rows.append([label, name, "", "", len(p)] + [f"{np.mean(p <= a):.4f}{' !' if np.mean(p <= a) > stats.binom.ppf(0.99, len(p), a) / len(p) else ''}"
-                                                    for a in LEVELS])
+        rows.append([label, name, "", "", len(p)] + shares(p))
 
 
 def mean_fdp(fdp_rows: list, which, what: str) -> None:
@@ -180,8 +180,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--config", nargs="*", default=[], metavar="FIELD=VALUE", help="DetectorConfig fields to set")
     p.add_argument("--review", type=int, default=0, metavar="SIZE",
-                   help="also check each tile model after one review round: a reviewer (the truth) labels SIZE objects "
-                        "of its tile and the detector is fitted again, as `gsafe train` fits it after a review")
+                   help="also check each tile and seed model after one review round: a reviewer (the truth) labels SIZE "
+                        "objects of its training store and the detector is fitted again, as `gsafe train` fits it after a review")
     p.add_argument("--look", choices=("top", "calibration"), default="top",
                    help="what the reviewer of --review looks at: the tile's top, or the top of the model's calibration "
                         "objects (`gsafe review --calibration`)")
@@ -223,9 +223,7 @@ def main() -> None:
             y = np.asarray(test.read_catalog(["label"])["label"]).astype(int)
             test_images, test_variance = test.read_images(), test.read_variance()
             scored = det.score(test_images, variance=test_variance)
-            check(det, f"seed {s}", {f"seed {s} (test)": scored}, {f"seed {s} (test)": y}, rows, fdp_rows, worst)
-            for key in [f"p_{n}" for n in det.statistic_names] + ["p_value"]:
-                pooled.setdefault(key, []).append(scored[key][y == 0])
+            check(det, f"seed {s}", {f"seed {s} (test)": scored}, {f"seed {s} (test)": y}, rows, fdp_rows, worst, pooled)
             if args.review:  # the training survey reviewed once, the detector fitted again, the test survey hunted
                 train = SurveyStore.open(train_url)
                 url = reviewed_copy(home, f"seed{s}{size}", (train.read_images(), np.asarray(
@@ -235,8 +233,7 @@ def main() -> None:
                 check(det, f"seed {s} {REVIEWED}", {f"seed {s} (test)": det.score(test_images, variance=test_variance)},
                       {f"seed {s} (test)": y}, rows, fdp_rows, worst, reviewed_seeds)
         if len(args.seeds) > 1:
-            pooled_rows(f"{len(args.seeds)} seeds pooled",
-                        {k.removeprefix("p_") if k != "p_value" else "combined": v for k, v in pooled.items()}, rows)
+            pooled_rows(f"{len(args.seeds)} seeds pooled", pooled, rows)
             if args.review:
                 pooled_rows(f"{len(args.seeds)} reviewed seeds pooled", reviewed_seeds, rows)
 
